@@ -1,0 +1,107 @@
+"""Token layouts: which global sequence positions each rank holds, and shard/unshard of full tensors.
+
+Layouts (P ranks, sequence length N, every rank holds N/P tokens in increasing position order):
+- "cyclic": Attention2D's column-major cyclic layout (paper Sec. 3.2): token i lives on p(r, c) with
+  (i mod P) = r + c * rows. With grid rank = r * cols + c, p(r, c) holds positions r + c*rows + j*P, j < N/P.
+- "contiguous": rank k holds positions [k N/P, (k+1) N/P).
+- "zigzag": the sequence is cut into 2P chunks; rank k holds chunk k then chunk 2P-1-k (causal load balance
+  for Ring Attention, as in Megatron context parallelism).
+- "full": every rank holds the whole sequence (single-device attention).
+
+Positions are described by `Span`s (arithmetic progressions: start, step, n) so kernels can recognise causal
+structure without looking at tensors; `positions()` turns them into a LongTensor.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+import torch.distributed as dist
+
+from attn2d.distributed.grid import ProcessGrid, check_seq_len
+
+LAYOUTS = ("cyclic", "contiguous", "zigzag", "full")
+
+
+@dataclass(frozen=True)
+class Span:
+    """Positions start + step * i for i in range(n)."""
+
+    start: int
+    step: int
+    n: int
+
+    def tensor(self, device=None) -> torch.Tensor:
+        return self.start + self.step * torch.arange(self.n, device=device)
+
+    @property
+    def last(self) -> int:
+        return self.start + self.step * (self.n - 1)
+
+
+Spans = tuple[Span, ...]
+GridOrGroup = Union[ProcessGrid, dist.ProcessGroup, None]
+
+
+def grid_shape(grid_or_group: GridOrGroup) -> tuple[int, int, int]:
+    """(rank, rows, cols) of this process; a plain group is treated as a P x 1 grid."""
+    if isinstance(grid_or_group, ProcessGrid):
+        return grid_or_group.rank, grid_or_group.rows, grid_or_group.cols
+    world = dist.get_world_size(grid_or_group) if dist.is_initialized() else 1
+    rank = dist.get_rank(grid_or_group) if dist.is_initialized() else 0
+    return rank, world, 1
+
+
+def layout_spans(layout: str, seq_len: int, rank: int, rows: int, cols: int = 1) -> Spans:
+    """The positions held by grid rank `rank` (= r * cols + c) of a rows x cols grid, as Spans."""
+    world = rows * cols
+    if layout == "full":
+        return (Span(0, 1, seq_len),)
+    if layout == "cyclic":
+        check_seq_len(seq_len, world)
+        r, c = divmod(rank, cols)
+        return (Span(r + c * rows, world, seq_len // world),)
+    if layout == "contiguous":
+        check_seq_len(seq_len, world)
+        n = seq_len // world
+        return (Span(rank * n, 1, n),)
+    if layout == "zigzag":
+        check_seq_len(seq_len, world, multiple=2, what="zigzag layout")
+        n = seq_len // (2 * world)
+        return (Span(rank * n, 1, n), Span((2 * world - 1 - rank) * n, 1, n))
+    raise ValueError(f"unknown layout {layout!r}; known layouts: {', '.join(LAYOUTS)}")
+
+
+def spans_tensor(spans: Spans, device=None) -> torch.Tensor:
+    return torch.cat([s.tensor(device) for s in spans])
+
+
+def positions(layout: str, seq_len: int, grid_or_group: GridOrGroup = None, device=None) -> torch.Tensor:
+    """Global positions (LongTensor, local order) of this rank's shard."""
+    rank, rows, cols = grid_shape(grid_or_group)
+    return spans_tensor(layout_spans(layout, seq_len, rank, rows, cols), device)
+
+
+def shard(x: torch.Tensor, grid_or_group: GridOrGroup, layout: str, dim: int = 1) -> torch.Tensor:
+    """This rank's shard of the full tensor `x` (sequence along `dim`)."""
+    pos = positions(layout, x.shape[dim], grid_or_group, x.device)
+    return x.index_select(dim, pos).contiguous()
+
+
+def unshard(x_local: torch.Tensor, grid_or_group: GridOrGroup, layout: str, dim: int = 1) -> torch.Tensor:
+    """Gather every rank's shard and put the tokens back in sequence order (not counted: a utility, not
+    part of any algorithm). Differentiable only through this rank's own shard."""
+    rank, rows, cols = grid_shape(grid_or_group)
+    world = rows * cols
+    if layout == "full" or world == 1:
+        return x_local
+    group = grid_or_group.group if isinstance(grid_or_group, ProcessGrid) else grid_or_group
+    parts = [torch.empty_like(x_local).contiguous() for _ in range(world)]
+    dist.all_gather(parts, x_local.contiguous(), group=group)
+    parts[rank] = x_local
+    seq_len = x_local.shape[dim] * world
+    pos = torch.cat([spans_tensor(layout_spans(layout, seq_len, k, rows, cols)) for k in range(world)])
+    inverse = torch.empty_like(pos)
+    inverse[pos] = torch.arange(seq_len)
+    return torch.cat(parts, dim=dim).index_select(dim, inverse.to(x_local.device))

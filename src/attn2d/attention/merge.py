@@ -1,0 +1,40 @@
+"""Merging partial attention results computed over disjoint key sets (paper Algorithm 2, "AttnFix", Sec. 3.1).
+
+The paper keeps (M, N, D): running row max, un-normalised numerator sum_j exp(s_ij - m_i) v_j, denominator
+sum_j exp(s_ij - m_i). We keep the equivalent normalised pair (out, lse): out = N / D, lse = M + log D.
+Both combinations are associative and commutative, which is what lets Attention2D split the KV dimension.
+
+Naive:  out = (exp(lse1) out1 + exp(lse2) out2) / (exp(lse1) + exp(lse2))          (overflows)
+Stable: lse = max + log(sum_i exp(lse_i - max));  out = sum_i exp(lse_i - lse) out_i  (fp32, below)
+A row that sees no key has lse = -inf and out = 0; it carries weight 0 in every merge.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def attn_fix(m1, num1, den1, m2, num2, den2):
+    """Algorithm 2 (AttnFix) as printed: merge (M, N, D) triples. m, den: (..., L); num: (..., L, D)."""
+    m = torch.maximum(m1, m2)
+    m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # both empty: keep weights finite
+    e1, e2 = torch.exp(m1 - m_safe), torch.exp(m2 - m_safe)
+    num = e1.unsqueeze(-1) * num1 + e2.unsqueeze(-1) * num2
+    den = e1 * den1 + e2 * den2
+    return m, num, den
+
+
+def merge_partials(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge k partial results in one fp32 pass.
+
+    outs[i]: (B, L, H, D) normalised partial outputs; lses[i]: (B, H, L) float32 natural-log sum-exp (-inf = empty).
+    Returns out (B, L, H, D) and lse (B, H, L) in float32 (float64 if any input is float64)."""
+    acc = torch.float64 if any(t.dtype == torch.float64 for t in (*outs, *lses)) else torch.float32
+    lse_all = torch.stack([l.to(acc) for l in lses])  # (k, B, H, L)
+    lse = torch.logsumexp(lse_all, dim=0)  # (B, H, L); -inf where every partial is empty
+    lse_safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    w = torch.exp(lse_all - lse_safe)  # (k, B, H, L); 0 for empty partials
+    out = sum(wi.transpose(1, 2).unsqueeze(-1) * o.to(acc) for wi, o in zip(w, outs))  # (B, L, H, D)
+    return out, lse
+

@@ -1,0 +1,193 @@
+"""Counted communication: every byte the attention code sends goes through this module.
+
+Counting convention (per rank, what the analytic formulas in the algorithm modules predict):
+- all_gather of a block of b bytes over a group of g ranks: sent = received = (g - 1) * b, messages = g - 1
+  (what a ring or direct algorithm moves per device; NCCL and gloo move the same volume).
+- reduce_scatter of g blocks of b bytes each: sent = received = (g - 1) * b, messages = g - 1.
+- all_to_all: sent = bytes of the blocks addressed to other ranks, received = bytes from other ranks,
+  messages = number of non-empty blocks sent to other ranks.
+- point-to-point: each isend counts its bytes and one message; each irecv counts its bytes received.
+Groups of one rank move nothing and count nothing. Sends to self are local copies and count nothing.
+
+All buffers handed to torch.distributed are made contiguous here (gloo silently corrupts memory otherwise).
+"""
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class CommStats:
+    """Bytes and messages of this rank, in total and by operation name."""
+
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    messages: int = 0
+    by_op: dict[str, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0, 0]))
+
+    def add(self, op: str, sent: int, received: int, messages: int) -> None:
+        self.bytes_sent += sent
+        self.bytes_received += received
+        self.messages += messages
+        row = self.by_op[op]
+        row[0] += sent
+        row[1] += received
+        row[2] += messages
+
+    def as_dict(self) -> dict:
+        return {
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+            "messages": self.messages,
+            "by_op": {k: {"bytes_sent": v[0], "bytes_received": v[1], "messages": v[2]} for k, v in self.by_op.items()},
+        }
+
+
+_ACTIVE: list[CommStats] = []
+# torch 2.13 renamed the tensor collectives (the old names warn); keep both working.
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+@contextlib.contextmanager
+def count_comm() -> Iterator[CommStats]:
+    """Count this rank's communication inside the block (nests; backward passes run inside count too)."""
+    stats = CommStats()
+    _ACTIVE.append(stats)
+    try:
+        yield stats
+    finally:
+        _ACTIVE.remove(stats)
+
+
+def _record(op: str, sent: int, received: int, messages: int) -> None:
+    for stats in _ACTIVE:
+        stats.add(op, sent, received, messages)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def group_size(group: dist.ProcessGroup | None) -> int:
+    return dist.get_world_size(group) if dist.is_initialized() else 1
+
+
+# ---------------------------------------------------------------------------------------------- packing
+def pack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Concatenate tensors of any dtypes into one flat uint8 buffer (one message instead of several)."""
+    return torch.cat([t.contiguous().reshape(-1).view(torch.uint8) for t in tensors])
+
+
+def unpack(buf: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Inverse of `pack`: split a flat uint8 buffer into tensors shaped and typed like `like`."""
+    out, offset = [], 0
+    for t in like:
+        n = _nbytes(t)
+        out.append(buf[offset : offset + n].view(t.dtype).reshape(t.shape))
+        offset += n
+    if offset != buf.numel():
+        raise ValueError(f"unpack: buffer has {buf.numel()} bytes but the templates need {offset}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- collectives
+def all_gather(x: torch.Tensor, group: dist.ProcessGroup | None, dim: int = 0, op: str = "all_gather") -> torch.Tensor:
+    """Concatenate every rank's `x` along `dim`, in group-rank order."""
+    g = group_size(group)
+    if g == 1:
+        return x
+    x = x.contiguous()
+    out = torch.empty(g * x.numel(), dtype=x.dtype, device=x.device)  # (g * numel,)
+    _ALL_GATHER(out, x.reshape(-1), group=group)
+    out = out.view(g, *x.shape)  # (g, *x.shape)
+    _record(op, (g - 1) * _nbytes(x), (g - 1) * _nbytes(x), g - 1)
+    return torch.cat(out.unbind(0), dim=dim)  # x.shape with dim scaled by g
+
+
+def reduce_scatter(blocks: Sequence[torch.Tensor], group: dist.ProcessGroup | None, op: str = "reduce_scatter") -> torch.Tensor:
+    """Sum over ranks of blocks[my_rank]: rank i receives sum_j blocks_j[i]. All blocks have one shape."""
+    g = group_size(group)
+    if len(blocks) != g:
+        raise ValueError(f"reduce_scatter needs {g} blocks (one per rank of the group), got {len(blocks)}")
+    if g == 1:
+        return blocks[0].clone()
+    inp = torch.stack([b.contiguous() for b in blocks]).reshape(-1)  # (g * numel,)
+    out = torch.empty_like(blocks[0], memory_format=torch.contiguous_format)
+    _REDUCE_SCATTER(out.view(-1), inp, group=group)
+    _record(op, (g - 1) * _nbytes(out), (g - 1) * _nbytes(out), g - 1)
+    return out
+
+
+def all_to_all(blocks: Sequence[torch.Tensor], group: dist.ProcessGroup | None, op: str = "all_to_all") -> list[torch.Tensor]:
+    """blocks[j] goes to rank j; returns the list of blocks received, indexed by source rank.
+
+    Every block must have the same shape and dtype on every rank (what the attention code needs)."""
+    g = group_size(group)
+    if len(blocks) != g:
+        raise ValueError(f"all_to_all needs {g} blocks (one per rank of the group), got {len(blocks)}")
+    if g == 1:
+        return [blocks[0]]
+    inp = torch.stack([b.contiguous() for b in blocks])  # (g, *block)
+    out = torch.empty_like(inp)
+    dist.all_to_all_single(out, inp, group=group)
+    b = _nbytes(blocks[0])
+    _record(op, (g - 1) * b, (g - 1) * b, g - 1 if b else 0)
+    return list(out.unbind(0))
+
+
+# ---------------------------------------------------------------------------------------------- point to point
+class P2PHandle:
+    """The pending receives of a batch of point-to-point ops; `wait()` returns the received tensors."""
+
+    def __init__(self, works: list, received: list[torch.Tensor]):
+        self._works, self.received = works, received
+
+    def wait(self) -> list[torch.Tensor]:
+        for w in self._works:
+            w.wait()
+        self._works = []
+        return self.received
+
+
+def send_recv(
+    sends: Sequence[tuple[torch.Tensor, int]],
+    recvs: Sequence[tuple[torch.Tensor, int]],
+    op: str = "send_recv",
+    async_op: bool = False,
+    group: dist.ProcessGroup | None = None,
+) -> P2PHandle | list[torch.Tensor]:
+    """Post all `sends` (tensor, dst global rank) and `recvs` (buffer, src global rank) as one batch.
+
+    Every rank must post matching ops in the same order (batch_isend_irecv's rule). A send to self is matched
+    with the receive from self (same order) and done as a local copy. With async_op=True returns a P2PHandle."""
+    me = dist.get_rank() if dist.is_initialized() else 0
+    self_sends = [t for t, dst in sends if dst == me]
+    self_recvs = [b for b, src in recvs if src == me]
+    if len(self_sends) != len(self_recvs):
+        raise ValueError(f"send_recv: {len(self_sends)} sends to self but {len(self_recvs)} receives from self")
+    for t, b in zip(self_sends, self_recvs):
+        b.copy_(t)
+    ops, received = [], [b for b, _ in recvs]
+    sent_bytes = recv_bytes = messages = 0
+    for t, dst in sends:
+        if dst != me:
+            ops.append(dist.P2POp(dist.isend, t.contiguous(), dst, group=group))
+            sent_bytes += _nbytes(t)
+            messages += 1
+    for b, src in recvs:
+        if src != me:
+            if not b.is_contiguous():
+                raise ValueError("send_recv: receive buffers must be contiguous")
+            ops.append(dist.P2POp(dist.irecv, b, src, group=group))
+            recv_bytes += _nbytes(b)
+    works = dist.batch_isend_irecv(ops) if ops else []
+    _record(op, sent_bytes, recv_bytes, messages)
+    handle = P2PHandle(works, received)
+    return handle if async_op else handle.wait()

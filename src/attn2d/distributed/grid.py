@@ -1,0 +1,115 @@
+"""ProcessGrid: the rows x cols logical processor grid of Attention2D (paper Sec. 3.2).
+
+Rank convention (ours, stated once): inside the grid's process group, rank = r * cols + c, where r is the
+grid row (the query dimension) and c the grid column (the key/value dimension).
+
+The paper's *token* layout is independent of this rank numbering: token i lives on p(r, c) with
+(i mod P) = r + c * rows ("column-major cyclic"), see `attn2d.attention.layout`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.distributed as dist
+
+
+class GridError(ValueError):
+    """A grid shape that does not fit the world, the sequence or the model."""
+
+
+def parse_grid(spec: str) -> tuple[int, int]:
+    """'4x2' -> (4, 2). Raises GridError naming the bad spec."""
+    try:
+        rows, cols = (int(x) for x in spec.lower().split("x"))
+    except ValueError:
+        raise GridError(f"grid spec {spec!r} is not of the form ROWSxCOLS, e.g. '4x4'") from None
+    return rows, cols
+
+
+def check_grid(rows: int, cols: int, world_size: int) -> None:
+    """Validate a grid against a world size; the message names every number involved."""
+    if rows < 1 or cols < 1:
+        raise GridError(f"grid {rows}x{cols} must have rows >= 1 and cols >= 1")
+    if rows * cols != world_size:
+        divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
+        options = ", ".join(f"{d}x{world_size // d}" for d in divisors)
+        raise GridError(
+            f"grid {rows}x{cols} needs {rows * cols} ranks, but the world has {world_size}; "
+            f"grids that fit {world_size} ranks: {options}"
+        )
+
+
+def check_seq_len(seq_len: int, world_size: int, multiple: int = 1, what: str = "grid") -> None:
+    """Every rank must hold the same number of tokens: seq_len % (world_size * multiple) == 0."""
+    need = world_size * multiple
+    if seq_len % need != 0:
+        lo, hi = (seq_len // need) * need, (seq_len // need + 1) * need
+        raise GridError(
+            f"seq_len {seq_len} cannot be split evenly over the {what} of {world_size} ranks"
+            f"{f' x {multiple} chunks' if multiple > 1 else ''}: it must be a multiple of {need} "
+            f"(nearest: {lo or need} or {hi})"
+        )
+
+
+@dataclass
+class ProcessGrid:
+    """A rows x cols grid over `group` (default: the world). Builds the row and column subgroups.
+
+    `row_group` holds the ranks with the same r (the paper's "row" all-gather of Q and reduce-scatter of O);
+    `col_group` holds the ranks with the same c (the paper's "column" all-gather of K/V).
+    Creating a ProcessGrid is a collective call: every rank of `group` must call it with the same shape.
+    """
+
+    rows: int
+    cols: int
+    group: dist.ProcessGroup | None = None
+    rank: int = field(init=False)
+    row: int = field(init=False)
+    col: int = field(init=False)
+    row_group: dist.ProcessGroup | None = field(init=False, repr=False)
+    col_group: dist.ProcessGroup | None = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not dist.is_initialized():
+            raise GridError("ProcessGrid needs torch.distributed to be initialised (attn2d.distributed.init_distributed)")
+        world = dist.get_world_size(self.group)
+        check_grid(self.rows, self.cols, world)
+        self.rank = dist.get_rank(self.group)
+        self.row, self.col = divmod(self.rank, self.cols)
+        # new_group is collective over the default group: every rank creates every subgroup, in the same order.
+        ranks = self.global_ranks
+        row_groups = [dist.new_group([ranks[r * self.cols + c] for c in range(self.cols)]) for r in range(self.rows)]
+        col_groups = [dist.new_group([ranks[r * self.cols + c] for r in range(self.rows)]) for c in range(self.cols)]
+        self.row_group = row_groups[self.row]
+        self.col_group = col_groups[self.col]
+
+    @property
+    def size(self) -> int:
+        """P = rows * cols."""
+        return self.rows * self.cols
+
+    @property
+    def global_ranks(self) -> list[int]:
+        """Global (world) rank of each grid rank, in grid-rank order."""
+        if self.group is None:
+            return list(range(dist.get_world_size()))
+        return dist.get_process_group_ranks(self.group)
+
+    def grid_rank(self, r: int, c: int) -> int:
+        """Rank inside `group` of processor p(r, c)."""
+        return (r % self.rows) * self.cols + (c % self.cols)
+
+    def global_rank(self, r: int, c: int) -> int:
+        """World rank of processor p(r, c) (what point-to-point calls take)."""
+        return self.global_ranks[self.grid_rank(r, c)]
+
+    @property
+    def is_square(self) -> bool:
+        return self.rows == self.cols
+
+    @property
+    def transpose_peer(self) -> tuple[int, int]:
+        """(r, c) of the transpose peer p(c, r) of Algorithm 1 L1 (square grids only)."""
+        if not self.is_square:
+            raise GridError(f"grid {self.rows}x{self.cols} is not square: it has no transpose peer")
+        return self.col, self.row
