@@ -191,3 +191,32 @@ def send_recv(
     _record(op, sent_bytes, recv_bytes, messages)
     handle = P2PHandle(works, received)
     return handle if async_op else handle.wait()
+
+
+# ---------------------------------------------------------------------------------------------- analytic volumes
+@dataclass(frozen=True)
+class CommOp:
+    """One communication step of an algorithm, as predicted analytically for one rank.
+
+    `name` is the op name the implementation passes to this module (the key of CommStats.by_op), so a test can
+    compare prediction and count op by op; the cost model prices each CommOp over its network model."""
+
+    phase: str  # "fwd" | "bwd"
+    name: str  # op name as counted, e.g. "q_row_all_gather"
+    kind: str  # "all_gather" | "reduce_scatter" | "all_to_all" | "p2p"
+    group: str  # "row" | "col" | "world" | "pair"
+    group_size: int  # ranks taking part (2 for a pair)
+    bytes_sent: int  # by this rank
+    bytes_received: int  # by this rank
+    messages: int  # sent by this rank
+    steps: int = 1  # sequential latency steps (ring all-gather over g ranks: g - 1)
+    overlapped: bool = False  # hidden behind compute by the algorithm's schedule
+
+
+def total_comm(ops: Sequence[CommOp], phase: str | None = None) -> dict:
+    """Sum predicted ops (optionally one phase) into the same shape as CommStats.as_dict()."""
+    stats = CommStats()
+    for op in ops:
+        if phase is None or op.phase == phase:
+            stats.add(op.name, op.bytes_sent, op.bytes_received, op.messages)
+    return stats.as_dict()
