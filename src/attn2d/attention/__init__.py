@@ -20,7 +20,7 @@ class AttentionImpl:
     name: str
     fn: Callable  # fn(q, k, v, *, grid, causal) -> out (B, N/P, H, D)
     layout: str  # "cyclic" | "contiguous" | "zigzag" | "full"
-    comm_volume: Callable | None = None  # comm_volume(batch, seq_len, heads, head_dim, rows, cols, dtype, causal) -> dict
+    comm_volume: Callable | None = None  # comm_ops(batch, seq_len, heads, head_dim, rows, cols, dtype, causal, rank=None) -> list[CommOp]
     needs_world: str = "any"  # "one": only world size 1
 
 

@@ -1,0 +1,186 @@
+"""Attention2D-NO on real gloo processes: output and gradients against the float64 reference, and every rank's
+counted communication against comm_ops (forward and backward) and the paper's volume formula."""
+import re
+
+import pytest
+import torch
+
+from attn2d.attention import get_attention, layout
+from attn2d.attention.attention2d import BWD_OPS, FWD_OPS, attention2d, comm_ops, kv_recv_peer, kv_send_peer
+from attn2d.attention.reference import reference_attention
+from attn2d.distributed import GridError, ProcessGrid, count_comm
+from attn2d.distributed.comm import total_comm
+from attn2d.testing import run_distributed
+
+B, H, D = 2, 3, 80  # head_dim of GPT-3 2.7B
+N = 36  # divisible by every P used: 1, 4, 6, 9
+TOL = {"float32": 1e-5, "bfloat16": 2e-2}
+GRIDS = {1: [(1, 1)], 4: [(2, 2), (1, 4), (4, 1)], 6: [(2, 3), (3, 2)], 9: [(3, 3)]}
+
+
+def _make_cases(world):
+    cases = []
+    for i, (rows, cols) in enumerate(GRIDS[world]):
+        for causal in (True, False):
+            for dtype in ("float32", "bfloat16"):
+                g = torch.Generator().manual_seed(1000 * world + 10 * i + 2 * causal + (dtype == "bfloat16"))
+                q, k, v, dout = (torch.randn(B, N, H, D, generator=g, dtype=torch.float64) for _ in range(4))
+                cases.append(dict(rows=rows, cols=cols, causal=causal, dtype=dtype, q=q, k=k, v=v, dout=dout))
+    return cases
+
+
+def _cases_worker(rank, world, cases):
+    grids, results = {}, []
+    for case in cases:
+        shape = (case["rows"], case["cols"])
+        if shape not in grids:
+            grids[shape] = ProcessGrid(*shape)
+        grid = grids[shape]
+        dt = getattr(torch, case["dtype"])
+        q, k, v = (layout.shard(case[x].to(dt), grid, "cyclic").requires_grad_() for x in "qkv")  # (B, N/P, H, D)
+        dout = layout.shard(case["dout"].to(dt), grid, "cyclic")
+        with count_comm() as fwd:
+            out = attention2d(q, k, v, grid, causal=case["causal"])
+        with count_comm() as bwd:
+            out.backward(dout)
+        results.append(dict(out=out.detach(), dq=q.grad, dk=k.grad, dv=v.grad, fwd=fwd.as_dict(), bwd=bwd.as_dict()))
+    return results
+
+
+def _bad_inputs_worker(rank, world):
+    """Each bad call's error message (world 1, grid 1x1)."""
+    grid = ProcessGrid(1, 1)
+    x = torch.randn(1, 8, 2, 4)
+    calls = {
+        "shape": lambda: attention2d(x, torch.randn(1, 6, 2, 4), x, grid),
+        "dtype": lambda: attention2d(x, x.double(), x, grid),
+        "device": lambda: attention2d(x, x, x.to("meta"), grid),
+        "heads": lambda: attention2d(x, torch.randn(1, 8, 1, 4), torch.randn(1, 8, 1, 4), grid),
+        "dims": lambda: attention2d(x[0], x[0], x[0], grid),
+        "grid": lambda: attention2d(x, x, x, None),
+        "empty": lambda: attention2d(x[:, :0], x[:, :0], x[:, :0], grid),
+        "world": lambda: ProcessGrid(2, 2),
+    }
+    errors = {}
+    for name, call in calls.items():
+        try:
+            call()
+            errors[name] = None
+        except (ValueError, TypeError) as e:
+            errors[name] = str(e)
+    return errors
+
+
+def _rel(got, want):
+    return float((got.double() - want).norm() / want.norm())
+
+
+def _full(results, key, rows, cols):
+    """Put every rank's cyclic shard back at its positions: (B, N, H, D)."""
+    full = torch.zeros(B, N, H, D, dtype=torch.float64)
+    for rk, res in enumerate(results):
+        pos = layout.spans_tensor(layout.layout_spans("cyclic", N, rk, rows, cols))
+        full[:, pos] = res[key].double()
+    return full
+
+
+def _paper_forward_bytes(rows, cols, rk, dtype):
+    """Independent closed form for square grids: B H (N/P) [(4(s-1) + 2 delta) D e + (s-1) l], delta = off-diagonal."""
+    s, (r, c) = rows, divmod(rk, cols)
+    e, lse = torch.empty((), dtype=getattr(torch, dtype)).element_size(), 4
+    return B * H * (N // (s * s)) * ((4 * (s - 1) + 2 * (r != c)) * D * e + (s - 1) * lse)
+
+
+def _check_world(world):
+    cases = _make_cases(world)
+    per_rank = run_distributed(world, _cases_worker, cases, timeout_s=240)
+    for i, case in enumerate(cases):
+        rows, cols, causal, dtype = case["rows"], case["cols"], case["causal"], case["dtype"]
+        label = f"{rows}x{cols} causal={causal} {dtype}"
+        results = [per_rank[rk][i] for rk in range(world)]
+        # reference on the dtype-rounded inputs, float64, full sequence
+        dt = getattr(torch, dtype)
+        q, k, v = (case[x].to(dt).double().requires_grad_() for x in "qkv")
+        ref, _ = reference_attention(q, k, v, causal=causal)
+        ref.backward(case["dout"].to(dt).double())
+        for key, want in (("out", ref.detach()), ("dq", q.grad), ("dk", k.grad), ("dv", v.grad)):
+            assert results[0][key].dtype == dt, f"{label}: {key} has dtype {results[0][key].dtype}"
+            err = _rel(_full(results, key, rows, cols), want)
+            assert err < TOL[dtype], f"{label}: {key} relative error {err:.2e} >= {TOL[dtype]}"
+        # communication: counted == predicted, op by op, on every rank
+        for rk, res in enumerate(results):
+            ops = comm_ops(B, N, H, D, rows, cols, dt, causal, rank=rk)
+            for phase in ("fwd", "bwd"):
+                want = total_comm(ops, phase)
+                assert res[phase] == want, f"{label} rank {rk} {phase}: counted {res[phase]} != predicted {want}"
+            if rows == cols:
+                assert res["fwd"]["bytes_sent"] == _paper_forward_bytes(rows, cols, rk, dtype), label
+                assert res["fwd"]["bytes_received"] == res["fwd"]["bytes_sent"], label
+                r, c = divmod(rk, cols)
+                if r != c:  # the paper's [4(sqrt(P)-1)+2] N H / P elements per head (H = head_dim): within 1 %
+                    paper = (4 * (rows - 1) + 2) * N * D // world * B * H * dt.itemsize
+                    assert abs(res["fwd"]["bytes_sent"] / paper - 1) < 0.01, f"{label} rank {rk}"
+                    ring = 2 * (world - 1) * N * D // world * B * H * dt.itemsize  # Ring Attention forward
+                    assert (res["fwd"]["bytes_sent"] < ring) == (world > 4), f"{label}: attn2d vs ring volume"
+
+
+@pytest.mark.parametrize("world", [1, 4, 6, 9])
+def test_attention2d_matches_reference_and_comm_model(world):
+    _check_world(world)
+
+
+def test_kv_permutation_is_a_bijection_to_row_major():
+    for rows, cols in [(1, 1), (2, 2), (1, 4), (4, 1), (2, 3), (3, 2), (3, 3), (2, 4), (4, 2)]:
+        world = rows * cols
+        dests = [kv_send_peer(r, c, rows, cols) for r in range(rows) for c in range(cols)]
+        assert sorted(dests) == [(r, c) for r in range(rows) for c in range(cols)], (rows, cols)
+        for r in range(rows):
+            for c in range(cols):
+                # the sender of my row-major class c + r*cols holds it column-major: r' + c'*rows == c + r*cols
+                rs, cs = kv_recv_peer(r, c, rows, cols)
+                assert rs + cs * rows == c + r * cols
+                assert kv_send_peer(rs, cs, rows, cols) == (r, c)
+                if rows == cols:
+                    assert (rs, cs) == (c, r)  # the paper's transpose peer
+        if rows == 1 or cols == 1:  # 1-D grids: column-major == row-major, nothing moves
+            assert dests == [divmod(k, cols) for k in range(world)]
+
+
+def test_comm_ops_names_typical_rank_and_errors():
+    ops = comm_ops(B, 64, H, D, 2, 2, "bf16", True)
+    assert ops == comm_ops(B, 64, H, D, 2, 2, torch.bfloat16, True, rank=1)  # rank 1 = p(0,1), off-diagonal
+    assert tuple(o.name for o in ops if o.phase == "fwd") == FWD_OPS == ("kv_to_row_major", "q_row_all_gather",
+                                                                         "kv_col_all_gather", "out_row_reduce_scatter")
+    assert tuple(o.name for o in ops if o.phase == "bwd") == BWD_OPS
+    assert "kv_to_row_major" not in [o.name for o in comm_ops(B, 64, H, D, 2, 2, "bf16", True, rank=3)]  # diagonal
+    assert comm_ops(B, 36, H, D, 1, 1, "float32", True) == []
+    # backward gradients travel in fp32 whatever the input dtype
+    dq = [o for o in ops if o.name == "dq_row_reduce_scatter"][0]
+    assert dq.bytes_sent == B * H * (64 // 4) * D * 4
+    with pytest.raises(GridError, match=r"seq_len 37 .* 4 ranks.*multiple of 4"):
+        comm_ops(B, 37, H, D, 2, 2, "float32", True)
+    with pytest.raises(ValueError, match=r"rank 4 is not in the 2x2 grid"):
+        comm_ops(B, 36, H, D, 2, 2, "float32", True, rank=4)
+
+
+def test_registered_in_the_registry():
+    impl = get_attention("attn2d")
+    assert impl.fn is attention2d and impl.layout == "cyclic" and impl.comm_volume is comm_ops
+
+
+def test_bad_inputs_raise_clear_errors():
+    errors = run_distributed(1, _bad_inputs_worker)[0]
+    expected = {
+        "shape": r"q \(1, 8, 2, 4\), k \(1, 6, 2, 4\).*one shape",
+        "dtype": r"dtypes differ: torch.float32, torch.float64",
+        "device": r"devices differ: cpu, cpu, meta",
+        "heads": r"heads differ: q has 2, k 1, v 1",
+        "dims": r"q has shape \(8, 2, 4\); expected 4 dims",
+        "grid": r"needs an attn2d.distributed.ProcessGrid, got NoneType",
+        "empty": r"holds 0 positions.*multiple of P = 1x1 = 1",
+        "world": r"grid 2x2 needs 4 ranks, but the world has 1",
+    }
+    for name, pattern in expected.items():
+        assert errors[name] is not None, f"{name}: no error raised"
+        assert re.search(pattern, errors[name]), f"{name}: {errors[name]!r} !~ {pattern!r}"
+
