@@ -9,20 +9,38 @@ Conventions: q (B, Lq, H, D), k, v (B, Lk, H, D); out (B, Lq, H, D) in q's dtype
 The backward takes the final (merged) out and lse of the whole row, and the incoming dout, and returns this
 block's contribution dq, dk, dv in float32 (float64 for float64 inputs): the usual trick that lets blocks be
 differentiated independently, since P_block = exp(S_block - lse_global) and delta = rowsum(dout * out_global).
+
+How a causal block is computed (span-pair decomposition, decided from the Spans alone, no tensor is read):
+every (q span, k span) pair is fully masked (skipped: no call), fully visible (one unmasked call), or split by
+`_pair_pieces` into: rows before the first key (empty, never computed), an offset-causal part and a fully visible
+tail. With equal steps the offset-causal part is exactly a bottom-right causal call (Lk = Lq + d; the stripe trick
+"q[1:] vs k[:-1]" is the case d = 0 after dropping row 0); backends whose causal flag is top-left get it as an
+unmasked call on the first d keys plus a square causal call. Different steps (cyclic layouts of non-square grids,
+e.g. q step 2, k step 3) get an explicit boolean mask. Rows met by several pieces are merged with merge_partials;
+the backward runs the same pieces and sums dq over them. Non-causal blocks are one unmasked call.
+
+Backends (backends.py): "math" (materialises scores; everywhere-correct, fp64), "cpu_flash", "cuda_flash",
+"cuda_efficient", "cudnn", "flash_attn". backend="auto" (or env ATTN2D_KERNEL_BACKEND) picks the first backend of
+backends.preference(device) that applies and passes a one-time self-check against "math" (forward and backward,
+tiny inputs, per backend/device/dtype/head_dim), warning when it skips one. Explicit-mask pieces are checked
+apart: under "auto" they go to the first backend whose mask check passes (cuDNN may run the dense pieces and hand
+its masks to cuda_efficient); a named backend keeps them if it supports masks, else they go the "auto" way.
 """
 from __future__ import annotations
 
 import math
+import os
+import warnings
+from dataclasses import dataclass
 
 import torch
 
+from attn2d.attention.backends import BACKENDS, acc_dtype, preference
 from attn2d.attention.layout import Span, Spans, spans_tensor
+from attn2d.attention.merge import merge_partials
 
-BACKENDS = ("math",)
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+ENV_VAR = "ATTN2D_KERNEL_BACKEND"
+_acc_dtype = acc_dtype  # the foundation's name, kept for existing callers
 
 
 def _norm_spans(pos: Spans | Span | None, n: int) -> Spans:
@@ -41,6 +59,236 @@ def visible_mask(q_pos: Spans | Span | None, k_pos: Spans | Span | None, n_q: in
     return kp.unsqueeze(0) <= qp.unsqueeze(1)
 
 
+# ---------------------------------------------------------------- span-pair decomposition (no tensors)
+@dataclass(frozen=True)
+class Piece:
+    """One backend call: block query rows [q0, q1) against block keys [k0, k1).
+    kind "full": every key visible; "causal": key j visible to row i iff j <= i + (k1-k0) - (q1-q0) (bottom-right,
+    k1-k0 >= q1-q0); "mask": visible iff position of key <= position of query, from q_span / k_span."""
+
+    q0: int
+    q1: int
+    k0: int
+    k1: int
+    kind: str
+    q_span: Span | None = None
+    k_span: Span | None = None
+
+    def mask(self, device=None) -> torch.Tensor:
+        return visible_mask(self.q_span, self.k_span, self.q1 - self.q0, self.k1 - self.k0, device)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -((-a) // b)
+
+
+def _pair_pieces(Q: Span, K: Span, qo: int, ko: int, bottom_right: bool) -> list[Piece]:
+    """Pieces of one (q span, k span) pair whose rows start at block row qo and keys at block key ko."""
+    if Q.n == 0 or K.n == 0:
+        return []
+    q_lo, q_hi = min(Q.start, Q.last), max(Q.start, Q.last)
+    k_lo, k_hi = min(K.start, K.last), max(K.start, K.last)
+    if k_lo > q_hi:  # every key after every query: contributes nothing, rows stay -inf
+        return []
+    if k_hi <= q_lo:  # every key before every query
+        return [Piece(qo, qo + Q.n, ko, ko + K.n, "full")]
+    q_step = Q.step if Q.n > 1 else K.step  # a single position takes the other span's step
+    k_step = K.step if K.n > 1 else Q.step
+    if q_step <= 0 or k_step <= 0:  # not increasing: explicit mask over the whole pair
+        return [Piece(qo, qo + Q.n, ko, ko + K.n, "mask", Q, K)]
+    a = max(0, _cdiv(K.start - Q.start, q_step))  # rows [0, a) precede the first key: empty
+    if q_step == k_step:
+        s = q_step
+        d = (Q.start + s * a - K.start) // s  # row a + i sees keys j <= i + d  (d >= 0)
+        m = min(Q.n - a, K.n - d)  # rows whose causal window ends inside this span
+        r0, r1 = qo + a, qo + a + m
+        if bottom_right or d == 0:
+            out = [Piece(r0, r1, ko, ko + d + m, "causal")]
+        else:  # top-left backends: the first d keys are visible to all these rows, the next m form a square
+            out = [Piece(r0, r1, ko, ko + d, "full"), Piece(r0, r1, ko + d, ko + d + m, "causal")]
+        if a + m < Q.n:  # the remaining rows see every key
+            out.append(Piece(r1, qo + Q.n, ko, ko + K.n, "full"))
+        return out
+    b = min(Q.n, max(a, _cdiv(K.last - Q.start, q_step)))  # rows [b, n) see every key
+    out = []
+    if b > a:
+        k_max = min(K.n, (Q.start + q_step * (b - 1) - K.start) // k_step + 1)  # keys seen by row b-1
+        out.append(Piece(qo + a, qo + b, ko, ko + k_max, "mask",
+                         Span(Q.start + q_step * a, q_step, b - a), Span(K.start, k_step, k_max)))
+    if b < Q.n:
+        out.append(Piece(qo + b, qo + Q.n, ko, ko + K.n, "full"))
+    return out
+
+
+def block_pieces(q_pos, k_pos, n_q: int, n_k: int, *, causal: bool, bottom_right: bool = True) -> list[Piece]:
+    """The backend calls for one block (see the module docstring). Pure: reads only the Spans."""
+    if not causal:
+        return [Piece(0, n_q, 0, n_k, "full")] if n_q and n_k else []
+    pieces, qo = [], 0
+    for Q in _norm_spans(q_pos, n_q):
+        ko = 0
+        for K in _norm_spans(k_pos, n_k):
+            pieces += _pair_pieces(Q, K, qo, ko, bottom_right)
+            ko += K.n
+        qo += Q.n
+    return pieces
+
+
+# ---------------------------------------------------------------- running the pieces
+def _forward_pieces(q, k, v, pieces, scale, impl, mask_impl):
+    acc = acc_dtype(q.dtype)
+    b, n_q, h, d = q.shape
+    if len(pieces) == 1 and (pieces[0].q0, pieces[0].q1) == (0, n_q):
+        p = pieces[0]
+        o, l = (mask_impl if p.kind == "mask" else impl).forward(
+            q, k[:, p.k0:p.k1], v[:, p.k0:p.k1], scale=scale, causal=p.kind == "causal",
+            mask=p.mask(q.device) if p.kind == "mask" else None)
+        return o.to(q.dtype), l.to(acc)
+    out = torch.zeros(b, n_q, h, d, dtype=acc, device=q.device)  # (B, Lq, H, D)
+    lse = torch.full((b, h, n_q), -math.inf, dtype=acc, device=q.device)  # (B, H, Lq)
+    covered: list[tuple[int, int]] = []
+    for p in pieces:
+        o, l = (mask_impl if p.kind == "mask" else impl).forward(
+            q[:, p.q0:p.q1], k[:, p.k0:p.k1], v[:, p.k0:p.k1], scale=scale, causal=p.kind == "causal",
+            mask=p.mask(q.device) if p.kind == "mask" else None)
+        if any(c0 < p.q1 and p.q0 < c1 for c0, c1 in covered):  # rows already met by another piece: merge
+            o, l = merge_partials([out[:, p.q0:p.q1], o], [lse[:, :, p.q0:p.q1], l])
+        out[:, p.q0:p.q1] = o
+        lse[:, :, p.q0:p.q1] = l
+        covered.append((p.q0, p.q1))
+    return out.to(q.dtype), lse
+
+
+def _backward_pieces(dout, q, k, v, out, lse, pieces, scale, impl, mask_impl):
+    acc = acc_dtype(q.dtype)
+    lse = lse.to(acc).masked_fill(lse == -math.inf, math.inf)  # empty rows: P = exp(S - inf) = 0, not NaN
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)  # (B, Lq, H, D)
+    dk = torch.zeros(k.shape, dtype=acc, device=q.device)  # (B, Lk, H, D)
+    dv = torch.zeros(v.shape, dtype=acc, device=q.device)
+    for p in pieces:
+        rows, keys = slice(p.q0, p.q1), slice(p.k0, p.k1)
+        g = (mask_impl if p.kind == "mask" else impl).backward(
+            dout[:, rows], q[:, rows], k[:, keys], v[:, keys], out[:, rows], lse[:, :, rows], scale=scale,
+            causal=p.kind == "causal", mask=p.mask(q.device) if p.kind == "mask" else None)
+        dq[:, rows] += g[0]
+        dk[:, keys] += g[1]
+        dv[:, keys] += g[2]
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------- choosing a backend
+_CHECKED: dict[tuple, str | None] = {}
+_RESOLVED: dict[tuple, str] = {}
+
+
+def available_backends(device, dtype: torch.dtype, head_dim: int | None = None) -> list[str]:
+    """Backends that apply to this device/dtype/head_dim (importable, supported), in "auto" order; no self-check."""
+    device = torch.device(device)
+    return [n for n in preference(device) if BACKENDS[n].applies(device, dtype, head_dim) is None]
+
+
+def _tol(dtype: torch.dtype) -> float:
+    return {torch.float64: 1e-8, torch.float32: 1e-4}.get(dtype, 6e-2)
+
+
+def _self_check_cases(mask: bool):
+    if mask:  # different steps: explicit-mask pieces (rows 0.. see the first keys of a staircase) + unmasked tail
+        return [(True, Span(1, 2, 5), Span(0, 3, 4), 5, 4), (True, Span(0, 3, 6), Span(1, 2, 7), 6, 7)]
+    return [(False, None, None, 7, 5),  # non-square, unmasked
+            (True, None, None, 6, 6),  # square causal
+            (True, (Span(0, 1, 4), Span(12, 1, 3)), (Span(2, 1, 5), Span(9, 1, 4)), 7, 9)]  # empty rows, offsets
+
+
+def _compare_with_math(name: str, device: torch.device, dtype: torch.dtype, head_dim: int, mask: bool):
+    impl, ref = BACKENDS[name], BACKENDS["math"]
+    gen = torch.Generator().manual_seed(0)
+    for causal, q_pos, k_pos, n_q, n_k in _self_check_cases(mask):
+        q, dout = (torch.randn(1, n_q, 2, head_dim, generator=gen) for _ in range(2))
+        k, v = (torch.randn(1, n_k, 2, head_dim, generator=gen) for _ in range(2))
+        x = [t.to(device=device, dtype=dtype) for t in (q, k, v, dout)]
+        x64 = [t.double() for t in x]
+        scale = head_dim ** -0.5
+        got_p = block_pieces(q_pos, k_pos, n_q, n_k, causal=causal, bottom_right=impl.causal_bottom_right)
+        ref_p = block_pieces(q_pos, k_pos, n_q, n_k, causal=causal, bottom_right=True)
+        o, l = _forward_pieces(*x[:3], got_p, scale, impl, impl)
+        o64, l64 = _forward_pieces(*x64[:3], ref_p, scale, ref, ref)
+        g = _backward_pieces(x[3], *x[:3], o, l, got_p, scale, impl, impl)
+        g64 = _backward_pieces(x64[3], *x64[:3], o64, l64, ref_p, scale, ref, ref)
+        if not torch.equal(torch.isinf(l).cpu(), torch.isinf(l64).cpu()):
+            return f"rows with no visible key differ from math (causal={causal}, q {q_pos}, k {k_pos})"
+        l, l64 = l.masked_fill(torch.isinf(l), 0), l64.masked_fill(torch.isinf(l64), 0)
+        for what, a, r in (("out", o, o64), ("lse", l, l64), ("dq", g[0], g64[0]), ("dk", g[1], g64[1]),
+                           ("dv", g[2], g64[2])):
+            err = (a.double() - r).abs().max().item() / max(1.0, r.abs().max().item())
+            if not err <= _tol(dtype):  # also catches NaN
+                return (f"{what} differs from math by {err:.2e} > {_tol(dtype):.0e} "
+                        f"(causal={causal}, q {q_pos}, k {k_pos})")
+    return None
+
+
+def self_check(name: str, device, dtype: torch.dtype, head_dim: int = 64, *, mask: bool = False) -> str | None:
+    """None if backend `name` agrees with "math" (float64) on tiny cases, forward and backward; else the reason.
+    mask=False checks unmasked and causal pieces, mask=True explicit-mask pieces. Cached per argument tuple."""
+    key = (name, torch.device(device), dtype, head_dim, mask)
+    if key not in _CHECKED:
+        try:
+            with torch.no_grad():
+                _CHECKED[key] = _compare_with_math(name, torch.device(device), dtype, head_dim, mask)
+        except Exception as e:  # an op missing in this build, an unsupported shape, ...
+            _CHECKED[key] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    return _CHECKED[key]
+
+
+def _auto(device: torch.device, dtype, head_dim, need_mask: bool) -> str:
+    key = (device, dtype, head_dim, need_mask)
+    if key not in _RESOLVED:
+        skipped = []
+        for name in available_backends(device, dtype, head_dim):
+            if need_mask and not BACKENDS[name].supports_mask:
+                continue
+            why = None if name == "math" else self_check(name, device, dtype, head_dim or 64, mask=need_mask)
+            if why is None:
+                _RESOLVED[key] = name
+                break
+            skipped.append(f"{name} ({why})")
+        if skipped:
+            warnings.warn(f"attn2d kernels: for {dtype} on {device} (head_dim {head_dim}) skipped "
+                          f"{'; '.join(skipped)}; using {_RESOLVED[key]!r}", RuntimeWarning, stacklevel=3)
+    return _RESOLVED[key]
+
+
+def resolve_backend(backend: str = "auto", *, device, dtype: torch.dtype, head_dim: int | None = None) -> str:
+    """The backend a call will use. backend="auto" defers to env ATTN2D_KERNEL_BACKEND if set, else picks the
+    first self-checked backend of the auto order; a named backend is used as is (error if it cannot apply)."""
+    device = torch.device(device)
+    name = (os.environ.get(ENV_VAR, "").strip() or "auto") if backend == "auto" else backend
+    if name == "auto":
+        return _auto(device, dtype, head_dim, need_mask=False)
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r} (from {'argument' if backend != 'auto' else ENV_VAR}); "
+                         f"known: {', '.join(BACKENDS)}, or 'auto'")
+    why = BACKENDS[name].applies(device, dtype, head_dim)
+    if why:
+        raise ValueError(f"attention backend {name!r} cannot run {dtype} on {device} with head_dim {head_dim}: "
+                         f"{why}; usable here: {', '.join(available_backends(device, dtype, head_dim))}")
+    return name
+
+
+def _named(backend: str) -> bool:
+    """True if the caller (argument or env var) named the backend, rather than leaving it to "auto"."""
+    return backend != "auto" or os.environ.get(ENV_VAR, "").strip() not in ("", "auto")
+
+
+def _plan(q, k, causal, q_pos, k_pos, backend):
+    dev, dt, hd = q.device, q.dtype, q.shape[-1]
+    impl = BACKENDS[resolve_backend(backend, device=dev, dtype=dt, head_dim=hd)]
+    pieces = block_pieces(q_pos, k_pos, q.shape[1], k.shape[1], causal=causal, bottom_right=impl.causal_bottom_right)
+    mask_impl = impl
+    if any(p.kind == "mask" for p in pieces) and not (impl.supports_mask and _named(backend)):
+        mask_impl = BACKENDS[_auto(dev, dt, hd, need_mask=True)]  # auto: the first backend whose masks check out
+    return pieces, impl, mask_impl
+
+
 def _check(q, k, v):
     if q.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ValueError(f"attention shapes do not fit: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}; "
@@ -49,39 +297,21 @@ def _check(q, k, v):
         raise ValueError(f"q, k, v must share dtype and device: {q.dtype}/{k.dtype}/{v.dtype}, {q.device}/{k.device}/{v.device}")
 
 
-def _scores(q, k, scale, causal, q_pos, k_pos):
-    acc = _acc_dtype(q.dtype)
-    s = torch.einsum("bqhd,bkhd->bhqk", q.to(acc), k.to(acc)) * scale  # (B, H, Lq, Lk)
-    if causal:
-        s = s.masked_fill(~visible_mask(q_pos, k_pos, q.shape[1], k.shape[1], q.device), float("-inf"))
-    return s
-
-
 def attn_forward(q, k, v, *, causal: bool, q_pos=None, k_pos=None, scale: float | None = None, backend: str = "auto"):
     """Block attention -> (out (B, Lq, H, D), lse (B, H, Lq))."""
     _check(q, k, v)
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    s = _scores(q, k, scale, causal, q_pos, k_pos)
-    lse = torch.logsumexp(s, dim=-1)  # (B, H, Lq)
-    p = torch.exp(s - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse).unsqueeze(-1))
-    out = torch.einsum("bhqk,bkhd->bqhd", p, v.to(p.dtype))  # (B, Lq, H, D)
-    return out.to(q.dtype), lse
+    pieces, impl, mask_impl = _plan(q, k, causal, q_pos, k_pos, backend)
+    return _forward_pieces(q, k, v, pieces, scale, impl, mask_impl)
 
 
 def attn_backward(dout, q, k, v, out, lse, *, causal: bool, q_pos=None, k_pos=None, scale: float | None = None,
                   backend: str = "auto"):
     """This block's (dq, dk, dv) given the global out/lse of its query rows (accumulation dtype)."""
     _check(q, k, v)
+    if dout.shape != q.shape or out.shape != q.shape or lse.shape != (q.shape[0], q.shape[2], q.shape[1]):
+        raise ValueError(f"dout {tuple(dout.shape)} and out {tuple(out.shape)} must be q's shape {tuple(q.shape)}, "
+                         f"lse {tuple(lse.shape)} must be (B, H, Lq) = {(q.shape[0], q.shape[2], q.shape[1])}")
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    acc = _acc_dtype(q.dtype)
-    s = _scores(q, k, scale, causal, q_pos, k_pos)
-    lse_safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse).to(acc)
-    p = torch.exp(s - lse_safe.unsqueeze(-1))  # (B, H, Lq, Lk), global probabilities
-    do, o = dout.to(acc), out.to(acc)
-    delta = (do * o).sum(-1).transpose(1, 2)  # (B, H, Lq)
-    dv = torch.einsum("bhqk,bqhd->bkhd", p, do)  # (B, Lk, H, D)
-    dp = torch.einsum("bqhd,bkhd->bhqk", do, v.to(acc))  # (B, H, Lq, Lk)
-    ds = p * (dp - delta.unsqueeze(-1)) * scale
-    dq = torch.einsum("bhqk,bkhd->bqhd", ds, k.to(acc))  # (B, Lq, H, D)
-    dk = torch.einsum("bhqk,bqhd->bkhd", ds, q.to(acc))  # (B, Lk, H, D)
-    return dq, dk, dv
+    pieces, impl, mask_impl = _plan(q, k, causal, q_pos, k_pos, backend)
+    return _backward_pieces(dout, q, k, v, out, lse, pieces, scale, impl, mask_impl)

@@ -1,0 +1,469 @@
+"""Local block-attention layer (kernels.py + backends.py) against float64 references, on every CPU backend.
+
+References are computed here, independently of the code under test: `_ref_block` (float64 scores with an explicit
+positional mask) and reference.reference_attention (+ autograd for gradients). The CUDA adapters cannot run here;
+their argument binding to the torch op schemas is checked on "meta" tensors.
+"""
+import importlib.util
+import json
+import sys
+import types
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import pytest
+import torch
+
+from attn2d.attention import backends, kernels
+from attn2d.attention.kernels import Piece, attn_backward, attn_forward, block_pieces
+from attn2d.attention.layout import Span, layout_spans, spans_tensor
+from attn2d.attention.merge import merge_partials
+from attn2d.attention.reference import reference_attention
+
+CPU_BACKENDS = ["math", "cpu_flash"]
+DTYPES = [torch.float64, torch.float32, torch.bfloat16]
+B, H, N = 2, 3, 24
+NEG_INF = float("-inf")
+
+
+def _qkv(dtype, head_dim, n=N, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, n, H, head_dim, generator=gen).to(dtype) for _ in range(4)]  # q, k, v, dout
+
+
+def _leaf(t):
+    return t.detach().to(torch.float64, copy=True).requires_grad_()
+
+
+def _pos(spans):
+    return spans_tensor((spans,) if isinstance(spans, Span) else tuple(spans))
+
+
+def _ref_block(q, k, v, q_pos, k_pos, causal=True):
+    """float64 attention of q rows at positions q_pos against keys at k_pos (explicit mask k_pos <= q_pos)."""
+    s = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) / q.shape[-1] ** 0.5  # (B, H, Lq, Lk)
+    if causal:
+        s = s.masked_fill(~(k_pos[None, :] <= q_pos[:, None]), NEG_INF)
+    lse = torch.logsumexp(s, -1)  # (B, H, Lq)
+    p = torch.exp(s - lse.masked_fill(torch.isinf(lse), 0).unsqueeze(-1))
+    return torch.einsum("bhqk,bkhd->bqhd", p, v.double()), lse  # (B, Lq, H, D)
+
+
+def _close(got, want, dtype, what):
+    """fp64: abs 1e-10; fp32: 1e-5 and bf16: 2e-2 of the reference scale. -inf must match exactly."""
+    got, want = got.double(), want.double()
+    assert torch.equal(torch.isinf(got), torch.isinf(want)), f"{what}: -inf pattern differs"
+    got, want = got.masked_fill(torch.isinf(got), 0), want.masked_fill(torch.isinf(want), 0)
+    scale = want.abs().max().item()
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5 * scale}.get(dtype, 2e-2 * scale)
+    err = (got - want).abs().max().item()
+    assert err <= tol, f"{what} ({dtype}): max error {err:.3e} > {tol:.3e}"
+
+
+# ---------------------------------------------------------------- (a) whole sequence
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [80, 64])
+def test_whole_sequence_matches_reference(backend, dtype, head_dim):
+    q, k, v, dout = _qkv(dtype, head_dim)
+    for causal in (True, False):
+        q64, k64, v64 = (_leaf(t) for t in (q, k, v))
+        ref, ref_lse = reference_attention(q64, k64, v64, causal=causal)
+        ref.backward(dout.double())
+        out, lse = attn_forward(q, k, v, causal=causal, backend=backend)
+        assert out.dtype == dtype and lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        _close(out, ref, dtype, f"out causal={causal}")
+        _close(lse, ref_lse, dtype, f"lse causal={causal}")
+        grads = attn_backward(dout, q, k, v, out, lse, causal=causal, backend=backend)
+        for name, g, want in zip("qkv", grads, (q64.grad, k64.grad, v64.grad)):
+            _close(g, want, dtype, f"d{name} causal={causal}")
+
+
+# ---------------------------------------------------------------- (b) Attention2D blocks, forward and backward
+GRIDS = [(2, 2), (3, 3), (2, 3), (4, 1), (1, 4)]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,cols", GRIDS)
+def test_attention2d_blocks(backend, dtype, rows, cols):
+    """q Span(r, R, N/R) vs k Span(c, C, N/C): every block vs the masked reference; merging a row's C blocks gives
+    the reference rows; per-block backward with the global out/lse, summed, gives autograd's gradients."""
+    for head_dim in (80, 64):
+        q, k, v, dout = _qkv(dtype, head_dim, seed=rows * 10 + cols)
+        q64, k64, v64 = (_leaf(t) for t in (q, k, v))
+        ref, ref_lse = reference_attention(q64, k64, v64, causal=True)
+        ref.backward(dout.double())
+        dk_sum = torch.zeros(B, N, H, head_dim, dtype=torch.float64)
+        dv_sum = torch.zeros_like(dk_sum)
+        for r in range(rows):
+            qs = Span(r, rows, N // rows)
+            qi = _pos(qs)
+            parts = []
+            for c in range(cols):
+                ks = Span(c, cols, N // cols)
+                ki = _pos(ks)
+                o, l = attn_forward(q[:, qi], k[:, ki], v[:, ki], causal=True, q_pos=qs, k_pos=ks, backend=backend)
+                want_o, want_l = _ref_block(q[:, qi], k[:, ki], v[:, ki], qi, ki)
+                _close(o, want_o, dtype, f"out block ({r},{c}) of {rows}x{cols}")
+                _close(l, want_l, dtype, f"lse block ({r},{c}) of {rows}x{cols}")
+                parts.append((o, l))
+            out, lse = merge_partials([p[0] for p in parts], [p[1] for p in parts])
+            _close(out, ref[:, qi], dtype, f"merged out row {r}")
+            _close(lse, ref_lse[:, :, qi], dtype, f"merged lse row {r}")
+            dq = 0
+            for c in range(cols):
+                ks = Span(c, cols, N // cols)
+                ki = _pos(ks)
+                g = attn_backward(dout[:, qi], q[:, qi], k[:, ki], v[:, ki], out, lse, causal=True, q_pos=qs, k_pos=ks,
+                                  backend=backend)
+                dq = dq + g[0].double()
+                dk_sum[:, ki] += g[1].double()
+                dv_sum[:, ki] += g[2].double()
+            _close(dq, q64.grad[:, qi], dtype, f"dq row {r}")
+        _close(dk_sum, k64.grad, dtype, "dk")
+        _close(dv_sum, v64.grad, dtype, "dv")
+
+
+# ---------------------------------------------------------------- (c) zigzag vs contiguous spans
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_zigzag_and_contiguous_blocks(backend, dtype):
+    for head_dim, world in ((80, 2), (64, 3)):
+        q, k, v, _ = _qkv(dtype, head_dim, seed=world)
+        ref, ref_lse = reference_attention(q, k, v, causal=True)
+        for i in range(world):
+            for q_layout, k_layout in (("zigzag", "zigzag"), ("zigzag", "contiguous"), ("contiguous", "zigzag")):
+                qs = layout_spans(q_layout, N, i, world)
+                qi = _pos(qs)
+                parts = []
+                for j in range(world):
+                    ks = layout_spans(k_layout, N, j, world)
+                    ki = _pos(ks)
+                    o, l = attn_forward(q[:, qi], k[:, ki], v[:, ki], causal=True, q_pos=qs, k_pos=ks, backend=backend)
+                    want_o, want_l = _ref_block(q[:, qi], k[:, ki], v[:, ki], qi, ki)
+                    _close(o, want_o, dtype, f"out {q_layout} {i} vs {k_layout} {j}")
+                    _close(l, want_l, dtype, f"lse {q_layout} {i} vs {k_layout} {j}")
+                    parts.append((o, l))
+                out, lse = merge_partials([p[0] for p in parts], [p[1] for p in parts])
+                _close(out, ref[:, qi], dtype, f"merged {q_layout} {i}")
+                _close(lse, ref_lse[:, :, qi], dtype, f"merged lse {q_layout} {i}")
+
+
+# ---------------------------------------------------------------- (d) backward over arbitrary key blocks
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [80, 64])
+def test_backward_over_key_blocks_uses_global_out_lse(backend, dtype, head_dim):
+    q, k, v, dout = _qkv(dtype, head_dim, seed=head_dim)
+    q64, k64, v64 = (_leaf(t) for t in (q, k, v))
+    ref, ref_lse = reference_attention(q64, k64, v64, causal=True)
+    ref.backward(dout.double())
+    q_spans = (Span(12, 1, 12), Span(0, 1, 12))  # all queries, in a rotated order
+    qi = _pos(q_spans)
+    for k_blocks in ([(Span(0, 1, 6), Span(18, 1, 6)), Span(6, 2, 6), Span(7, 2, 6)],  # 3 blocks
+                     [Span(1, 2, 12), (Span(0, 4, 6), Span(2, 4, 6))]):  # 2 blocks, steps 2 and 4
+        parts = [attn_forward(q[:, qi], k[:, _pos(ks)], v[:, _pos(ks)], causal=True, q_pos=q_spans, k_pos=ks,
+                              backend=backend) for ks in k_blocks]
+        out, lse = merge_partials([p[0] for p in parts], [p[1] for p in parts])
+        _close(out, ref[:, qi].detach(), dtype, "merged out")
+        _close(lse, ref_lse[:, :, qi], dtype, "merged lse")
+        dq = torch.zeros(B, N, H, head_dim, dtype=torch.float64)
+        dk, dv = torch.zeros_like(dq), torch.zeros_like(dq)
+        for ks in k_blocks:
+            ki = _pos(ks)
+            g = attn_backward(dout[:, qi], q[:, qi], k[:, ki], v[:, ki], out, lse, causal=True, q_pos=q_spans, k_pos=ks,
+                              backend=backend)
+            assert all(t.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) for t in g)
+            dq[:, qi] += g[0].double()
+            dk[:, ki] += g[1].double()
+            dv[:, ki] += g[2].double()
+        _close(dq, q64.grad, dtype, "dq")
+        _close(dk, k64.grad, dtype, "dk")
+        _close(dv, v64.grad, dtype, "dv")
+
+
+# ---------------------------------------------------------------- traps: empty rows, alignment by position
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rows_without_visible_key_give_minus_inf_and_zero(backend, dtype):
+    q, k, v, dout = _qkv(dtype, 64, n=6)
+    impl = backends.BACKENDS[backend]
+    mask = torch.ones(6, 6, dtype=torch.bool).tril(-1)  # row 0 sees nothing (strictly causal block)
+    mask[3] = False  # and row 3
+    o, l = impl.forward(q, k, v, scale=0.125, causal=False, mask=mask)  # adapter level: the kernel's own output
+    assert torch.isneginf(l[:, :, [0, 3]]).all() and (o[:, [0, 3]] == 0).all()
+    assert torch.isfinite(l[:, :, [1, 2, 4, 5]]).all()
+    # through attn_forward: block of queries at 0..5 vs keys at 1..6 (the strictly causal Attention2D block)
+    o, l = attn_forward(q, k, v, causal=True, q_pos=Span(0, 1, 6), k_pos=Span(1, 1, 6), backend=backend)
+    assert torch.isneginf(l[:, :, 0]).all() and (o[:, 0] == 0).all() and torch.isfinite(l[:, :, 1:]).all()
+    # a block whose keys all come after its queries: lse -inf everywhere, out 0, zero gradients
+    o, l = attn_forward(q, k, v, causal=True, q_pos=Span(0, 1, 6), k_pos=Span(6, 1, 6), backend=backend)
+    assert torch.isneginf(l).all() and (o == 0).all()
+    g = attn_backward(dout, q, k, v, o, l, causal=True, q_pos=Span(0, 1, 6), k_pos=Span(6, 1, 6), backend=backend)
+    assert all((t == 0).all() for t in g)
+    # backward with a GLOBAL lse of -inf on a row (no key anywhere) stays finite
+    o, l = attn_forward(q, k, v, causal=True, q_pos=Span(0, 1, 6), k_pos=Span(1, 1, 6), backend=backend)
+    g = attn_backward(dout, q, k, v, o, l, causal=True, q_pos=Span(0, 1, 6), k_pos=Span(1, 1, 6), backend=backend)
+    assert all(torch.isfinite(t).all() for t in g) and (g[0][:, 0] == 0).all()
+    # descending positions take the generic explicit-mask path: the empty row (position 0, last) reaches the kernel
+    qs = Span(5, -1, 6)
+    o, l = attn_forward(q, k, v, causal=True, q_pos=qs, k_pos=Span(1, 1, 6), backend=backend)
+    want_o, want_l = _ref_block(q, k, v, _pos(qs), _pos(Span(1, 1, 6)))
+    _close(o, want_o, dtype, "out, descending q positions")
+    _close(l, want_l, dtype, "lse, descending q positions")
+    g = attn_backward(dout, q, k, v, o, l, causal=True, q_pos=qs, k_pos=Span(1, 1, 6), backend=backend)
+    assert all(torch.isfinite(t).all() for t in g) and (g[0][:, 5] == 0).all()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_non_square_offset_causal_is_aligned_by_position(backend, dtype):
+    """Non-square same-step pairs (neither top-left nor bottom-right in general) vs the positional mask."""
+    q, k, v, _ = _qkv(dtype, 64, n=16)
+    cases = [(Span(5, 1, 3), Span(0, 1, 8)),  # bottom-right-like (3 x 8)
+             (Span(0, 1, 8), Span(0, 1, 3)),  # top-left-like (8 x 3)
+             (Span(2, 1, 6), Span(0, 1, 12)),  # offset 2, keys run past the last query
+             (Span(7, 1, 5), Span(3, 1, 4)),  # rows 7.. all see keys 3..6, except none: fully visible
+             (Span(4, 3, 5), Span(1, 3, 7)),  # step 3, offset 1
+             (Span(1, 2, 6), Span(4, 2, 6))]  # step 2, keys start later: empty rows then causal
+    for qs, ks in cases:
+        qi, ki = _pos(qs), _pos(ks)
+        o, l = attn_forward(q[:, :qs.n], k[:, :ks.n], v[:, :ks.n], causal=True, q_pos=qs, k_pos=ks, backend=backend)
+        want_o, want_l = _ref_block(q[:, :qs.n], k[:, :ks.n], v[:, :ks.n], qi, ki)
+        _close(o, want_o, dtype, f"out {qs} vs {ks}")
+        _close(l, want_l, dtype, f"lse {qs} vs {ks}")
+        # a top-left backend only ever gets square causal pieces
+        bottom_right = backends.BACKENDS[backend].causal_bottom_right
+        for p in block_pieces(qs, ks, qs.n, ks.n, causal=True, bottom_right=bottom_right):
+            assert p.kind != "causal" or bottom_right or p.q1 - p.q0 == p.k1 - p.k0
+
+
+# ---------------------------------------------------------------- (e) the decomposition itself
+def test_block_pieces_classify_pairs_without_tensors():
+    n = 6
+    assert block_pieces(Span(0, 1, n), Span(n, 1, n), n, n, causal=True) == []  # fully masked: no call
+    assert block_pieces(Span(n, 1, n), Span(0, 1, n), n, n, causal=True) == [Piece(0, n, 0, n, "full")]
+    assert block_pieces(None, None, n, n, causal=True) == [Piece(0, n, 0, n, "causal")]
+    assert block_pieces(None, None, n, 4, causal=False) == [Piece(0, n, 0, 4, "full")]
+    # Attention2D on a square grid: r >= c is one square causal call; r < c drops row 0 and key n-1 (stripe trick)
+    assert block_pieces(Span(1, 2, n), Span(0, 2, n), n, n, causal=True) == [Piece(0, n, 0, n, "causal")]
+    assert block_pieces(Span(0, 2, n), Span(1, 2, n), n, n, causal=True) == [Piece(1, n, 0, n - 1, "causal")]
+    # offset d = 2: one bottom-right call, or unmasked first 2 keys + square causal for top-left backends
+    assert block_pieces(Span(2, 1, 4), Span(0, 1, 8), 4, 8, causal=True) == [Piece(0, 4, 0, 6, "causal")]
+    assert block_pieces(Span(2, 1, 4), Span(0, 1, 8), 4, 8, causal=True, bottom_right=False) == [
+        Piece(0, 4, 0, 2, "full"), Piece(0, 4, 2, 6, "causal")]
+    # queries past the keys: a causal part and a fully visible tail
+    assert block_pieces(Span(0, 1, 8), Span(0, 1, 3), 8, 3, causal=True) == [
+        Piece(0, 3, 0, 3, "causal"), Piece(3, 8, 0, 3, "full")]
+    # different steps (2x3 grid): explicit mask on the staircase, unmasked tail
+    ps = block_pieces(Span(1, 2, 12), Span(0, 3, 8), 12, 8, causal=True)
+    assert [p.kind for p in ps] == ["mask", "full"] and ps[0].q_span == Span(1, 2, ps[0].q1)
+    assert torch.equal(ps[0].mask(), visible_of(Span(1, 2, 12), Span(0, 3, 8))[ps[0].q0:ps[0].q1, :ps[0].k1])
+    assert visible_of(Span(1, 2, 12), Span(0, 3, 8))[ps[1].q0:].all()
+    # zigzag pair: 4 span pairs, two fully masked (no call), two fully visible
+    ps = block_pieces((Span(0, 1, 4), Span(12, 1, 4)), (Span(4, 1, 4), Span(8, 1, 4)), 8, 8, causal=True)
+    assert ps == [Piece(4, 8, 0, 4, "full"), Piece(4, 8, 4, 8, "full")]
+
+
+def visible_of(qs, ks):
+    return _pos(ks)[None, :] <= _pos(qs)[:, None]
+
+
+def test_fully_masked_pair_makes_no_backend_call(monkeypatch):
+    calls = []
+    math = backends.BACKENDS["math"]
+
+    def counting_forward(q, k, v, **kw):
+        calls.append(("fwd", q.shape[1], k.shape[1], kw["causal"], kw["mask"] is not None))
+        return math.forward(q, k, v, **kw)
+
+    def counting_backward(*args, **kw):
+        calls.append(("bwd",))
+        return math.backward(*args, **kw)
+
+    monkeypatch.setitem(backends.BACKENDS, "math", backends.Backend(
+        "math", counting_forward, counting_backward, math.applies, True, True, True))
+    q, k, v, dout = _qkv(torch.float64, 16, n=8)
+    out, lse = attn_forward(q, k, v, causal=True, q_pos=Span(0, 1, 8), k_pos=Span(8, 1, 8), backend="math")
+    assert calls == [] and torch.isneginf(lse).all() and (out == 0).all()
+    dq, dk, dv = attn_backward(dout, q, k, v, out, lse, causal=True, q_pos=Span(0, 1, 8), k_pos=Span(8, 1, 8),
+                               backend="math")
+    assert calls == [] and (dq == 0).all() and (dk == 0).all()
+    # two q spans: the first sees none of the keys (no call), the second sees all (one unmasked call)
+    q_pos = (Span(0, 1, 4), Span(20, 1, 4))
+    out, lse = attn_forward(q, k, v, causal=True, q_pos=q_pos, k_pos=Span(10, 1, 8), backend="math")
+    assert calls == [("fwd", 4, 8, False, False)]
+    assert torch.isneginf(lse[:, :, :4]).all() and torch.isfinite(lse[:, :, 4:]).all()
+    attn_backward(dout, q, k, v, out, lse, causal=True, q_pos=q_pos, k_pos=Span(10, 1, 8), backend="math")
+    assert calls[1:] == [("bwd",)]
+
+
+# ---------------------------------------------------------------- choosing a backend
+def test_backend_resolution_and_overrides(monkeypatch):
+    monkeypatch.delenv(kernels.ENV_VAR, raising=False)
+    assert kernels.available_backends("cpu", torch.float32) == ["cpu_flash", "math"]
+    for dtype in DTYPES:  # cpu_flash passes its self-check for fp64, fp32 and bf16 with torch 2.13
+        assert kernels.resolve_backend(device="cpu", dtype=dtype, head_dim=80) == "cpu_flash"
+    monkeypatch.setenv(kernels.ENV_VAR, "math")
+    assert kernels.resolve_backend(device="cpu", dtype=torch.float32, head_dim=64) == "math"
+    assert kernels.resolve_backend("cpu_flash", device="cpu", dtype=torch.float32) == "cpu_flash"  # argument wins
+    monkeypatch.setenv(kernels.ENV_VAR, "nonsense")
+    with pytest.raises(ValueError, match="nonsense.*ATTN2D_KERNEL_BACKEND"):
+        kernels.resolve_backend(device="cpu", dtype=torch.float32)
+    with pytest.raises(ValueError, match="cuda_flash.*usable here: cpu_flash, math"):
+        kernels.resolve_backend("cuda_flash", device="cpu", dtype=torch.float32, head_dim=64)
+    # on a CUDA device (no GPU needed to ask): flash-attn is reported missing, fp64 leaves only math
+    if importlib.util.find_spec("flash_attn") is None:
+        why = backends.BACKENDS["flash_attn"].applies(torch.device("cuda"), torch.bfloat16, 64)
+        assert "flash-attn not usable" in why
+    assert kernels.available_backends("cuda", torch.float64) == ["math"]
+    assert kernels.available_backends("cuda", torch.float32) == ["cuda_efficient", "math"]
+    assert set(kernels.available_backends("cuda", torch.bfloat16, 80)) - {"flash_attn"} == {
+        "cuda_flash", "cudnn", "cuda_efficient", "math"}
+    assert "cuda_flash" not in kernels.available_backends("cuda", torch.bfloat16, 36)  # head_dim not a multiple of 8
+
+
+def test_auto_falls_back_when_a_backend_disagrees_with_math(monkeypatch):
+    monkeypatch.delenv(kernels.ENV_VAR, raising=False)
+    monkeypatch.setattr(kernels, "_CHECKED", {})
+    monkeypatch.setattr(kernels, "_RESOLVED", {})
+    good = backends.BACKENDS["cpu_flash"]
+
+    def off_by_a_bit(q, k, v, **kw):
+        out, lse = good.forward(q, k, v, **kw)
+        return out, lse + 0.01
+
+    monkeypatch.setitem(backends.BACKENDS, "cpu_flash", backends.Backend(
+        "cpu_flash", off_by_a_bit, good.backward, good.applies, False, True, True))
+    with pytest.warns(RuntimeWarning, match="skipped cpu_flash \\(lse differs from math"):
+        assert kernels.resolve_backend(device="cpu", dtype=torch.float32, head_dim=64) == "math"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # resolved once: no second warning
+        assert kernels.resolve_backend(device="cpu", dtype=torch.float32, head_dim=64) == "math"
+
+
+def test_default_backend_matches_reference():
+    q, k, v, dout = _qkv(torch.float32, 64)
+    out, lse = attn_forward(q, k, v, causal=True)  # backend="auto"
+    ref, ref_lse = reference_attention(q, k, v, causal=True)
+    _close(out, ref, torch.float32, "out")
+    _close(lse, ref_lse, torch.float32, "lse")
+
+
+# ---------------------------------------------------------------- CUDA adapters: schema binding on meta tensors
+@pytest.mark.parametrize("name", ["cuda_flash", "cuda_efficient", "cudnn"])
+def test_cuda_adapters_bind_to_torch_op_schemas(name):
+    """Not a numerical test (no GPU here): runs every piece kind through the adapter on meta tensors, which
+    dispatches to torch's meta kernels and so checks argument count, order, types and output shapes."""
+    impl = backends.BACKENDS[name]
+    mask_impl = impl if impl.supports_mask else backends.BACKENDS["cuda_efficient"]
+    for q_pos, k_pos, n_q, n_k in (((Span(0, 1, 4), Span(12, 1, 4)), (Span(2, 1, 5), Span(9, 1, 4)), 8, 9),
+                                   (Span(1, 2, 6), Span(0, 3, 4), 6, 4), (Span(2, 1, 4), Span(0, 1, 8), 4, 8)):
+        q = torch.empty(B, n_q, H, 80, device="meta", dtype=torch.bfloat16)
+        k = torch.empty(B, n_k, H, 80, device="meta", dtype=torch.bfloat16)
+        pieces = block_pieces(q_pos, k_pos, n_q, n_k, causal=True, bottom_right=impl.causal_bottom_right)
+        out, lse = kernels._forward_pieces(q, k, k, pieces, 0.1, impl, mask_impl)
+        assert out.shape == q.shape and out.dtype == torch.bfloat16 and lse.shape == (B, H, n_q)
+        assert lse.dtype == torch.float32
+        dq, dk, dv = kernels._backward_pieces(q, q, k, k, out, lse, pieces, 0.1, impl, mask_impl)
+        assert dq.shape == q.shape and dk.shape == dv.shape == k.shape and dq.dtype == torch.float32
+
+
+def test_auto_routes_masked_pieces_apart_from_dense_ones(monkeypatch):
+    """A backend whose explicit masks are wrong (dense pieces fine) keeps the dense pieces under "auto"; its masked
+    pieces go to the next backend whose mask check passes ("math" on CPU)."""
+    monkeypatch.delenv(kernels.ENV_VAR, raising=False)
+    monkeypatch.setattr(kernels, "_CHECKED", {})
+    monkeypatch.setattr(kernels, "_RESOLVED", {})
+    good = backends.BACKENDS["cpu_flash"]
+    used = []
+
+    def bad_masks(q, k, v, **kw):
+        used.append("mask" if kw["mask"] is not None else "dense")
+        out, lse = good.forward(q, k, v, **kw)
+        return (out, lse + 0.5) if kw["mask"] is not None else (out, lse)
+
+    monkeypatch.setitem(backends.BACKENDS, "cpu_flash", backends.Backend(
+        "cpu_flash", bad_masks, good.backward, good.applies, False, True, True))
+    q, k, v, _ = _qkv(torch.float32, 64)
+    qs, ks = Span(1, 2, 12), Span(0, 3, 8)  # 2x3 grid block: an explicit-mask piece and an unmasked tail
+    with pytest.warns(RuntimeWarning, match="skipped cpu_flash \\(lse differs"):
+        out, lse = attn_forward(q[:, :12], k[:, :8], v[:, :8], causal=True, q_pos=qs, k_pos=ks)
+    want_o, want_l = _ref_block(q[:, :12], k[:, :8], v[:, :8], _pos(qs), _pos(ks))
+    _close(out, want_o, torch.float32, "out")
+    _close(lse, want_l, torch.float32, "lse")
+    used.clear()
+    attn_forward(q[:, :12], k[:, :8], v[:, :8], causal=True, q_pos=qs, k_pos=ks)
+    assert used == ["dense"]  # the tail on cpu_flash, the staircase on math
+    assert kernels.resolve_backend(device="cpu", dtype=torch.float32, head_dim=64) == "cpu_flash"
+
+
+# ---------------------------------------------------------------- flash_attn adapter vs a stand-in of its interface
+@torch.library.custom_op("attn2d_test::flash_attn_backward", mutates_args=("dq", "dk", "dv"))
+def _fake_flash_attn_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                              softmax_lse: torch.Tensor, dq: Optional[torch.Tensor], dk: Optional[torch.Tensor],
+                              dv: Optional[torch.Tensor], dropout_p: float, softmax_scale: float, causal: bool,
+                              window_size_left: int, window_size_right: int, softcap: float,
+                              alibi_slopes: Optional[torch.Tensor], deterministic: bool,
+                              rng_state: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """flash-attn 2.7+'s _flash_attn_backward signature (a custom op writing dq, dk, dv), computed by "math"."""
+    assert dropout_p == 0.0 and (window_size_left, window_size_right) == (-1, -1) and alibi_slopes is None
+    g = backends.math_backward(dout, q, k, v, out, softmax_lse, scale=softmax_scale, causal=causal, mask=None)
+    for buf, t in zip((dq, dk, dv), g):
+        buf.copy_(t)
+    return torch.empty(0)
+
+
+def _fake_flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                          alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """flash_attn_func: bottom-right causal; lse +inf on a row with no key (flash-attn's convention)."""
+    out, lse = backends.math_forward(q, k, v, scale=softmax_scale, causal=causal, mask=None)
+    out, lse = out.to(q.dtype), lse.float().masked_fill(torch.isneginf(lse), float("inf"))
+    return (out, lse, None) if return_attn_probs else out
+
+
+def test_flash_attn_adapter_follows_its_documented_interface(monkeypatch):
+    """Not the real package (no GPU here): a stand-in with flash-attn 2.7+'s signatures checks that the adapter
+    finds the version, passes arguments in the documented order and reads lse / fills dq, dk, dv as documented."""
+    fai = types.ModuleType("flash_attn.flash_attn_interface")
+    fai.flash_attn_func, fai._flash_attn_backward = _fake_flash_attn_func, _fake_flash_attn_backward
+    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
+    monkeypatch.setitem(sys.modules, "flash_attn.flash_attn_interface", fai)
+    monkeypatch.setattr(backends, "_FA", [])
+    assert backends.BACKENDS["flash_attn"].applies(torch.device("cuda"), torch.bfloat16, 64) is None
+    impl = backends.BACKENDS["flash_attn"]
+    q, k, v, dout = _qkv(torch.float32, 64, n=12)  # flash-attn keeps lse and grads in fp32
+    q_pos, k_pos = (Span(0, 1, 6), Span(18, 1, 6)), (Span(3, 1, 6), Span(12, 1, 6))  # offsets, empty rows
+    pieces = block_pieces(q_pos, k_pos, 12, 12, causal=True, bottom_right=impl.causal_bottom_right)
+    out, lse = kernels._forward_pieces(q, k, v, pieces, 0.125, impl, impl)
+    qi, ki = _pos(q_pos), _pos(k_pos)
+    want_o, want_l = _ref_block(q, k, v, qi, ki)
+    _close(out, want_o, torch.float32, "out")
+    _close(lse, want_l, torch.float32, "lse")
+    q64, k64, v64 = (_leaf(t) for t in (q, k, v))
+    o64, _ = _ref_block(q64, k64, v64, qi, ki)
+    o64.backward(dout.double())
+    grads = kernels._backward_pieces(dout, q, k, v, out, lse, pieces, 0.125, impl, impl)
+    for name, g, want in zip("qkv", grads, (q64.grad, k64.grad, v64.grad)):
+        _close(g, want, torch.float32, f"d{name}")
+    # adapter level: causal with Lq > Lk leaves rows 0, 1 without a key; flash-attn says +inf, the adapter -inf
+    o, l = impl.forward(q[:, :5], k[:, :3], v[:, :3], scale=0.125, causal=True, mask=None)
+    assert torch.isneginf(l[:, :, :2]).all() and (o[:, :2] == 0).all() and torch.isfinite(l[:, :, 2:]).all()
+
+
+# ---------------------------------------------------------------- the benchmark script runs (tiny, CPU)
+def test_bench_kernels_script_runs_and_checks(tmp_path):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_kernels.py"
+    spec = importlib.util.spec_from_file_location("bench_kernels", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.jsonl"
+    rows = bench.main(["--device", "cpu", "--dtype", "float32", "--seq", "48", "--heads", "2", "--head-dim", "16",
+                       "--block", "2,3,0,1", "--warmup", "1", "--iters", "2", "--out", str(out)])
+    assert [r["backend"] for r in rows] == ["cpu_flash", "math", "torch_sdpa"]
+    assert all(r["check"] in ("ok", "n/a") and r["fwd_ms"] > 0 and r["fwd_bwd_tflops"] > 0 for r in rows)
+    assert all(r["max_rel_err"] < 1e-5 for r in rows[:2])
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(lines) == 3 and lines[0]["block"] == "2,3,0,1" and lines[0]["kind"] == "bench_kernels"
