@@ -1,0 +1,275 @@
+"""Ring Attention (Liu, Zaharia, Abbeel, arXiv 2310.01889), the paper's 1-D baseline (Sec. 2), with a hand-written
+backward, on a 1-D group of P ranks.
+
+Layouts (attn2d.attention.layout): "zigzag" (the sequence cut into 2P chunks, rank k holds chunks k and 2P-1-k:
+causal load balance, as ring-flash-attention's zigzag and Megatron context parallelism) or "contiguous" (rank k
+holds [k N/P, (k+1) N/P)). Every rank holds n = N/P positions of q, k, v and out.
+
+Forward: K and V stacked in one buffer circulate around the ring (send to rank+1, receive from rank-1). At step
+s = 0..P-1 rank i holds the K/V of source rank (i - s) mod P; the exchange for step s+1 is posted BEFORE the
+compute of step s (overlap), P-1 exchanges in all. Each step is one kernels.attn_forward(q, k_blk, v_blk,
+q_pos = my spans, k_pos = the source's spans): the kernel's span decomposition skips fully masked chunk pairs and
+uses plain causal calls where it can, so under causal masking the zigzag layout gives every rank the same work at
+every step (ring-flash-attention's zigzag), while with "contiguous" rank i has work only at steps s <= i. Partial
+(out, lse) are merged in fp32 with merge.merge_partials (AttnFix in log-sum-exp form, Alg. 2). Saved for
+backward: q, k, v, out, lse (all 1/P shards).                                                       [op kv_ring]
+
+Backward: every block's gradient uses the GLOBAL out and lse of its query rows (kernels.attn_backward), so blocks
+are independent. K/V circulate again, and fp32 dK/dV accumulators travel with them, one step behind:
+  step s: rank i posts ONE message (before computing) holding K/V of block b = (i - s) mod P (s < P-1) and the
+          accumulator of block b + 1, which it finished at step s-1 (s >= 1); it receives K/V of block b - 1 and
+          the accumulator of block b (contributions of ranks b .. i-1); it computes block b, adds dq locally
+          (fp32) and, after the wait, adds its dk/dv to the received accumulator of block b.     [op kv_dkv_ring]
+  end:    the accumulator of block i+1 now holds every rank's contribution: one last message returns it to its
+          owner (the only exposed transfer of the backward).                                   [op dkv_to_owner]
+  The K/V part is the input dtype, the accumulator fp32 (fp64 for fp64 inputs), packed into one uint8 message
+  (comm.pack). The gradients are cast to the input dtypes at the end.
+
+Per-rank volume (every rank the same; n = N/P, e = bytes of the input dtype, a = 4 (8 for float64)):
+  forward  kv_ring       (P-1) 2 B n H D e                 P-1 messages   = 2 (P-1) N H D B e / P ~ 2 N H D B e
+  backward kv_dkv_ring   (P-1) 2 B n H D (e + a)          P messages (step 0: K/V only, step P-1: dK/dV only)
+           dkv_to_owner  2 B n H D a                       1 message
+i.e. the classic O(N) ring volume of Sec. 2 [D]: it does not fall as P grows (the paper's point against Ring).
+CUDA: nothing here is device specific (batch_isend_irecv through attn2d.distributed.comm); not run on a GPU here.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.autograd.function import once_differentiable
+
+from attn2d.attention import AttentionImpl, kernels, merge, register
+from attn2d.attention.layout import Spans, layout_spans
+from attn2d.distributed import comm
+from attn2d.distributed.comm import CommOp
+from attn2d.distributed.grid import GridError, ProcessGrid, check_seq_len
+
+LAYOUTS = ("zigzag", "contiguous")
+# op names as counted by attn2d.distributed.comm (CommStats.by_op) and predicted by comm_ops
+FWD_OPS = ("kv_ring",)
+BWD_OPS = ("kv_dkv_ring", "dkv_to_owner")
+
+
+# ---------------------------------------------------------------------------------------------- the ring
+@dataclass(frozen=True)
+class Ring:
+    """This rank's place in the 1-D ring over `group`: rank i of P, global ranks of its neighbours."""
+
+    group: dist.ProcessGroup | None
+    rank: int
+    size: int
+    next: int  # global rank of (rank + 1) % P: where K/V go
+    prev: int  # global rank of (rank - 1) % P: where K/V come from
+
+    @staticmethod
+    def of(group: dist.ProcessGroup | None) -> "Ring":
+        if not dist.is_initialized():
+            if group is not None:
+                raise ValueError("ring_attention: a process group was given but torch.distributed is not initialised")
+            return Ring(None, 0, 1, 0, 0)
+        ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
+        rank = dist.get_rank(group)
+        if rank < 0:
+            raise ValueError(f"ring_attention: this process (world rank {dist.get_rank()}) is not in the group "
+                             f"{ranks}")
+        size = len(ranks)
+        return Ring(group, rank, size, ranks[(rank + 1) % size], ranks[(rank - 1) % size])
+
+
+def step_spans(layout: str, seq_len: int, rank: int, world: int, step: int) -> tuple[Spans, Spans]:
+    """(q_pos, k_pos) of the block rank `rank` computes at ring step `step`: its own positions against the
+    positions of source rank (rank - step) mod P."""
+    return layout_spans(layout, seq_len, rank, world, 1), layout_spans(layout, seq_len, (rank - step) % world, world, 1)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------- forward loop
+def ring_forward(q, k, v, ring: Ring, causal: bool, layout: str):
+    """Forward ring: out (B, n, H, D) in q's dtype, lse (B, H, n) fp32 (fp64 for fp64 inputs)."""
+    P, i = ring.size, ring.rank
+    seq_len = q.shape[1] * P
+    kv = torch.stack([k, v])  # (2, B, n, H, D): K and V in one message
+    out = lse = None
+    for s in range(P):
+        handle = None
+        if s < P - 1:  # post the exchange for step s+1 before computing step s
+            kv_next = torch.empty_like(kv)  # (2, B, n, H, D)
+            handle = comm.send_recv([(kv, ring.next)], [(kv_next, ring.prev)], op="kv_ring", async_op=True,
+                                    group=ring.group)
+        q_pos, k_pos = step_spans(layout, seq_len, i, P, s)
+        o, l = kernels.attn_forward(q, kv[0], kv[1], causal=causal, q_pos=q_pos, k_pos=k_pos)
+        out, lse = (o, l) if out is None else merge.merge_partials([out, o], [lse, l])  # fp32 (B, n, H, D)
+        if handle is not None:
+            kv = handle.wait()[0]  # K/V of source rank (i - s - 1) mod P
+    return out.to(q.dtype), lse
+
+
+# ---------------------------------------------------------------------------------------------- backward loop
+def ring_backward(dout, q, k, v, out, lse, ring: Ring, causal: bool, layout: str):
+    """Backward ring: (dq, dk, dv) of this rank's shard in fp32 (fp64 for fp64 inputs)."""
+    P, i = ring.size, ring.rank
+    seq_len = q.shape[1] * P
+    acc = _acc_dtype(q.dtype)
+    kv = torch.stack([k, v])  # (2, B, n, H, D)
+    dkv_like = torch.empty(kv.shape, dtype=acc, device=q.device)  # template of one accumulator
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)  # (B, n, H, D)
+    dkv = None  # accumulator of the block computed at the previous step (complete for every rank before me)
+    for s in range(P):
+        sends = ([dkv] if s > 0 else []) + ([kv] if s < P - 1 else [])  # widest dtype first (acc, then kv)
+        handle = like = None
+        if sends:
+            like = ([dkv_like] if s > 0 else []) + ([kv] if s < P - 1 else [])
+            msg = comm.pack(sends) if len(sends) > 1 else sends[0].contiguous()
+            buf = torch.empty(msg.shape, dtype=msg.dtype, device=msg.device)
+            handle = comm.send_recv([(msg, ring.next)], [(buf, ring.prev)], op="kv_dkv_ring", async_op=True,
+                                    group=ring.group)
+        q_pos, k_pos = step_spans(layout, seq_len, i, P, s)
+        dq_b, dk_b, dv_b = kernels.attn_backward(dout, q, kv[0], kv[1], out, lse, causal=causal, q_pos=q_pos,
+                                                 k_pos=k_pos)
+        dq += dq_b
+        dkv_b = torch.stack([dk_b, dv_b])  # (2, B, n, H, D) acc dtype: this rank's part of block (i - s)
+        if handle is None:
+            dkv = dkv_b
+            continue
+        buf = handle.wait()[0]
+        got = comm.unpack(buf, like) if len(like) > 1 else [buf]
+        dkv = dkv_b + got[0] if s > 0 else dkv_b  # accumulator of block (i - s): ranks (i - s) .. i
+        if s < P - 1:
+            kv = got[-1]  # K/V of block (i - s - 1)
+    if P > 1:  # the accumulator of block i+1 is complete: return it to its owner, receive mine
+        mine = torch.empty_like(dkv)
+        dkv = comm.send_recv([(dkv, ring.next)], [(mine, ring.prev)], op="dkv_to_owner", group=ring.group)[0]
+    return dq, dkv[0], dkv[1]
+
+
+# ---------------------------------------------------------------------------------------------- autograd
+class RingAttentionFunction(torch.autograd.Function):
+    """Ring Attention with a hand-written backward (K/V ring again, dK/dV accumulators riding along)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, ring: Ring, causal: bool, layout: str):
+        out, lse = ring_forward(q, k, v, ring, causal, layout)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.ring, ctx.causal, ctx.layout = ring, causal, layout
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = ring_backward(dout.to(q.dtype).contiguous(), q, k, v, out, lse, ctx.ring, ctx.causal, ctx.layout)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+# ---------------------------------------------------------------------------------------------- public entry
+def _validate(q, k, v, ring: Ring, layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"ring_attention: unknown layout {layout!r}; use one of {', '.join(LAYOUTS)}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"ring_attention: {name} has shape {tuple(t.shape)}; expected 4 dims (B, N/P, H, D)")
+        if not t.is_floating_point():
+            raise ValueError(f"ring_attention: {name} has dtype {t.dtype}; expected a floating dtype")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"ring_attention: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}; cast them to one "
+                         "dtype")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"ring_attention: q, k, v devices differ: {q.device}, {k.device}, {v.device}")
+    if q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"ring_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must have one "
+                         "shape (B, N/P, H, D): every rank holds N/P positions of each (grouped-query attention: "
+                         "repeat the k/v heads to q's count first)")
+    n, P = q.shape[1], ring.size
+    if n < 1:
+        raise ValueError(f"ring_attention: the local shard holds {n} positions; every rank needs at least one")
+    if layout == "zigzag" and n % 2:
+        lo, hi = (n * P) // (2 * P) * 2 * P, ((n * P) // (2 * P) + 1) * 2 * P
+        raise GridError(f"ring_attention (zigzag layout): the local shard holds {n} positions, so seq_len = {P} x {n} "
+                        f"= {n * P} is not a multiple of 2P = {2 * P} (zigzag cuts the sequence into 2P chunks, two "
+                        f"per rank); use a seq_len that is a multiple of {2 * P} (nearest: {lo or 2 * P} or {hi}) "
+                        "or layout='contiguous'")
+
+
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup | None = None,
+                   causal: bool = True, layout: str = "zigzag") -> torch.Tensor:
+    """Ring Attention (Sec. 2 baseline). q, k, v: this rank's shard (B, N/P, H, D) in `layout` ("zigzag" or
+    "contiguous") over `group` (None: the world) -> out, same shape and dtype. Differentiable.
+
+    Every rank of the group must call it with the same shape; N = P * (N/P)."""
+    ring = Ring.of(group)
+    _validate(q, k, v, ring, layout)
+    return RingAttentionFunction.apply(q, k, v, ring, bool(causal), layout)
+
+
+def _group_of(grid):
+    """grid: a ProcessGrid (any shape: only its group and size matter), a ProcessGroup, or None (the world)."""
+    if isinstance(grid, ProcessGrid):
+        return grid.group
+    return grid
+
+
+def _registered(layout: str):
+    def fn(q, k, v, *, grid=None, causal: bool = True):
+        return ring_attention(q, k, v, group=_group_of(grid), causal=causal, layout=layout)
+
+    fn.__name__ = fn.__qualname__ = f"ring_attention_{layout}"
+    return fn
+
+
+# ---------------------------------------------------------------------------------------------- analytic volume
+_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+           "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+           "fp64": torch.float64, "float64": torch.float64, "double": torch.float64}
+
+
+def _as_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).removeprefix("torch.").lower()
+    if key not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(_DTYPES)}")
+    return _DTYPES[key]
+
+
+def comm_ops(batch: int, seq_len: int, heads: int, head_dim: int, rows: int, cols: int, dtype, causal: bool = True,
+             rank: int | None = None, layout: str = "zigzag") -> list[CommOp]:
+    """Per-rank communication of Ring Attention, op by op, forward then backward (see the module docstring).
+
+    The ring runs over all P = rows * cols ranks (the grid's shape does not matter). Every rank moves the same
+    bytes, and neither `causal` nor `layout` changes the volume (masked blocks still circulate); `layout` only
+    decides which seq_len is valid (zigzag: a multiple of 2P). P = 1: nothing moves, []."""
+    P = rows * cols
+    if rows < 1 or cols < 1:
+        raise GridError(f"grid {rows}x{cols} must have rows >= 1 and cols >= 1")
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown ring layout {layout!r}; use one of {', '.join(LAYOUTS)}")
+    check_seq_len(seq_len, P, multiple=2 if layout == "zigzag" else 1, what=f"{layout} ring")
+    if rank is not None and not 0 <= rank < P:
+        raise ValueError(f"rank {rank} is not in the ring of {P} ranks ({rows}x{cols}; 0..{P - 1})")
+    if P == 1:
+        return []
+    dt = _as_dtype(dtype)
+    e = torch.empty((), dtype=dt).element_size()
+    a = _acc_dtype(dt).itemsize
+    kv = 2 * batch * (seq_len // P) * heads * head_dim * e  # one K/V message (bytes)
+    dkv = 2 * batch * (seq_len // P) * heads * head_dim * a  # one dK/dV accumulator (bytes)
+    return [
+        CommOp("fwd", "kv_ring", "p2p", "world", P, (P - 1) * kv, (P - 1) * kv, P - 1, steps=P - 1, overlapped=True),
+        CommOp("bwd", "kv_dkv_ring", "p2p", "world", P, (P - 1) * (kv + dkv), (P - 1) * (kv + dkv), P, steps=P,
+               overlapped=True),
+        CommOp("bwd", "dkv_to_owner", "p2p", "world", P, dkv, dkv, 1, steps=1, overlapped=False),
+    ]
+
+
+register(AttentionImpl("ring", _registered("zigzag"), layout="zigzag", comm_volume=comm_ops))
+register(AttentionImpl("ring_contiguous", _registered("contiguous"), layout="contiguous",
+                       comm_volume=functools.partial(comm_ops, layout="contiguous")))
+
+__all__ = ["ring_attention", "ring_forward", "ring_backward", "RingAttentionFunction", "Ring", "step_spans",
+           "comm_ops", "FWD_OPS", "BWD_OPS", "LAYOUTS"]

@@ -1,0 +1,226 @@
+"""Ring Attention on real gloo processes: output and gradients against the float64 reference (both layouts, causal
+and not, fp32 and bf16), every rank's counted communication against comm_ops op by op, and the classic ring
+volume 2 (P-1) (N/P) H D B e per rank (independent closed form); clear errors on bad inputs."""
+import re
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from attn2d.attention import get_attention, layout
+from attn2d.attention.kernels import block_pieces
+from attn2d.attention.reference import reference_attention
+from attn2d.attention.ring import BWD_OPS, FWD_OPS, comm_ops, ring_attention, step_spans
+from attn2d.distributed import GridError, ProcessGrid, count_comm
+from attn2d.distributed.comm import total_comm
+from attn2d.testing import run_distributed
+
+B, H, D = 2, 3, 80  # head_dim of GPT-3 2.7B
+N = 24  # a multiple of 2P for every P used: 1, 2, 3, 4
+TOL = {"float32": 1e-5, "bfloat16": 2e-2}
+LAYOUTS = {1: ("zigzag", "contiguous"), 2: ("zigzag", "contiguous"), 3: ("contiguous", "zigzag"),
+           4: ("zigzag", "contiguous")}
+
+
+def _make_cases(world):
+    cases = []
+    for i, lay in enumerate(LAYOUTS[world]):
+        for causal in (True, False):
+            for dtype in ("float32", "bfloat16"):
+                g = torch.Generator().manual_seed(1000 * world + 10 * i + 2 * causal + (dtype == "bfloat16"))
+                q, k, v, dout = (torch.randn(B, N, H, D, generator=g, dtype=torch.float64) for _ in range(4))
+                cases.append(dict(layout=lay, causal=causal, dtype=dtype, q=q, k=k, v=v, dout=dout))
+    return cases
+
+
+def _cases_worker(rank, world, cases):
+    results = []
+    grid = ProcessGrid(1, world)  # the registry entry: any grid shape, only its size matters
+    for n, case in enumerate(cases):
+        dt = getattr(torch, case["dtype"])
+        q, k, v = (layout.shard(case[x].to(dt), None, case["layout"]).requires_grad_() for x in "qkv")  # (B, N/P, H, D)
+        dout = layout.shard(case["dout"].to(dt), None, case["layout"])
+        with count_comm() as fwd:
+            if n % 2:  # every other case through the registry, as the model calls it
+                name = "ring" if case["layout"] == "zigzag" else "ring_contiguous"
+                out = get_attention(name).fn(q, k, v, grid=grid, causal=case["causal"])
+            else:
+                out = ring_attention(q, k, v, causal=case["causal"], layout=case["layout"])
+        with count_comm() as bwd:
+            out.backward(dout)
+        results.append(dict(out=out.detach(), dq=q.grad, dk=k.grad, dv=v.grad, fwd=fwd.as_dict(), bwd=bwd.as_dict()))
+    if world == 1:
+        results.append(_bad_inputs())
+    if world == 4:
+        results.append(_subgroup_case(rank, cases[0]))
+    return results
+
+
+def _subgroup_case(rank, case):
+    """Two independent rings of 2 over the strided subgroups {0, 2} and {1, 3} (neighbours are global ranks)."""
+    groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]  # collective: every rank creates both
+    group = groups[rank % 2]
+    q, k, v = (layout.shard(case[x].float(), group, "zigzag").requires_grad_() for x in "qkv")  # (B, N/2, H, D)
+    with count_comm() as stats:
+        out = ring_attention(q, k, v, group=group, causal=True, layout="zigzag")
+        out.backward(layout.shard(case["dout"].float(), group, "zigzag"))
+    return dict(out=out.detach(), dq=q.grad, dk=k.grad, dv=v.grad, comm=stats.as_dict())
+
+
+def _bad_inputs():
+    """Each bad call's error message (world 1)."""
+    x = torch.randn(1, 8, 2, 4)
+    calls = {
+        "shape": lambda: ring_attention(x, torch.randn(1, 6, 2, 4), x),
+        "dtype": lambda: ring_attention(x, x.double(), x),
+        "device": lambda: ring_attention(x, x, x.to("meta")),
+        "heads": lambda: ring_attention(x, torch.randn(1, 8, 1, 4), torch.randn(1, 8, 1, 4)),
+        "dims": lambda: ring_attention(x[0], x[0], x[0]),
+        "int": lambda: ring_attention(x.long(), x.long(), x.long()),
+        "zigzag": lambda: ring_attention(x[:, :5], x[:, :5], x[:, :5], layout="zigzag"),
+        "layout": lambda: ring_attention(x, x, x, layout="cyclic"),
+        "empty": lambda: ring_attention(x[:, :0], x[:, :0], x[:, :0], layout="contiguous"),
+    }
+    errors = {}
+    for name, call in calls.items():
+        try:
+            call()
+            errors[name] = None
+        except (ValueError, TypeError) as e:
+            errors[name] = str(e)
+    return errors
+
+
+def _rel(got, want):
+    return float((got.double() - want).norm() / want.norm())
+
+
+def _full(results, key, lay, world):
+    """Put every rank's shard back at its positions: (B, N, H, D)."""
+    full = torch.zeros(B, N, H, D, dtype=torch.float64)
+    for rk, res in enumerate(results):
+        full[:, layout.spans_tensor(layout.layout_spans(lay, N, rk, world, 1))] = res[key].double()
+    return full
+
+
+def _check_world(world):
+    cases = _make_cases(world)
+    per_rank = run_distributed(world, _cases_worker, cases, timeout_s=240)
+    for i, case in enumerate(cases):
+        lay, causal, dtype = case["layout"], case["causal"], case["dtype"]
+        label = f"P={world} {lay} causal={causal} {dtype}"
+        results = [per_rank[rk][i] for rk in range(world)]
+        dt = getattr(torch, dtype)
+        q, k, v = (case[x].to(dt).double().requires_grad_() for x in "qkv")  # reference on the rounded inputs
+        ref, _ = reference_attention(q, k, v, causal=causal)
+        ref.backward(case["dout"].to(dt).double())
+        for key, want in (("out", ref.detach()), ("dq", q.grad), ("dk", k.grad), ("dv", v.grad)):
+            assert results[0][key].dtype == dt, f"{label}: {key} has dtype {results[0][key].dtype}"
+            err = _rel(_full(results, key, lay, world), want)
+            assert err < TOL[dtype], f"{label}: {key} relative error {err:.2e} >= {TOL[dtype]}"
+        for rk, res in enumerate(results):
+            ops = comm_ops(B, N, H, D, world, 1, dt, causal, rank=rk, layout=lay)
+            for phase in ("fwd", "bwd"):
+                want = total_comm(ops, phase)
+                assert res[phase] == want, f"{label} rank {rk} {phase}: counted {res[phase]} != predicted {want}"
+            # the classic ring volume, written independently: 2 (P-1) (N/P) H D B e, P-1 messages
+            classic = 2 * (world - 1) * (N // world) * H * D * B * dt.itemsize
+            assert res["fwd"]["bytes_sent"] == res["fwd"]["bytes_received"] == classic, label
+            assert res["fwd"]["messages"] == world - 1, label
+            # backward: K/V once more (P-1 times, input dtype) and fp32 dK/dV P times, P+1 messages
+            bwd = (world - 1) * 2 * (N // world) * H * D * B * dt.itemsize + world * 2 * (N // world) * H * D * B * 4
+            assert res["bwd"]["bytes_sent"] == (bwd if world > 1 else 0), label
+            assert res["bwd"]["messages"] == (world + 1 if world > 1 else 0), label
+    if world == 1:
+        _check_errors(per_rank[0][-1])
+    if world == 4:
+        _check_subgroups(cases[0], [per_rank[rk][-1] for rk in range(world)])
+
+
+def _check_subgroups(case, results):
+    assert case["layout"] == "zigzag" and case["causal"] and case["dtype"] == "float32"
+    q, k, v = (case[x].float().double().requires_grad_() for x in "qkv")
+    ref, _ = reference_attention(q, k, v, causal=True)
+    ref.backward(case["dout"].float().double())
+    for members in ([0, 2], [1, 3]):
+        sub = [results[rk] for rk in members]
+        for key, want in (("out", ref.detach()), ("dq", q.grad), ("dk", k.grad), ("dv", v.grad)):
+            err = _rel(_full(sub, key, "zigzag", 2), want)
+            assert err < TOL["float32"], f"subgroup {members}: {key} relative error {err:.2e}"
+        for res in sub:
+            assert res["comm"] == total_comm(comm_ops(B, N, H, D, 2, 1, torch.float32, True)), members
+
+
+def _check_errors(errors):
+    expected = {
+        "shape": r"q \(1, 8, 2, 4\), k \(1, 6, 2, 4\).*one shape",
+        "dtype": r"dtypes differ: torch.float32, torch.float64",
+        "device": r"devices differ: cpu, cpu, meta",
+        "heads": r"q \(1, 8, 2, 4\), k \(1, 8, 1, 4\).*grouped-query",
+        "dims": r"q has shape \(8, 2, 4\); expected 4 dims",
+        "int": r"q has dtype torch.int64; expected a floating dtype",
+        "zigzag": r"holds 5 positions, so seq_len = 1 x 5 = 5 is not a multiple of 2P = 2.*nearest: 4 or 6",
+        "layout": r"unknown layout 'cyclic'; use one of zigzag, contiguous",
+        "empty": r"holds 0 positions",
+    }
+    for name, pattern in expected.items():
+        assert errors[name] is not None, f"{name}: no error raised"
+        assert re.search(pattern, errors[name]), f"{name}: {errors[name]!r} !~ {pattern!r}"
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_ring_matches_reference_and_comm_model(world):
+    _check_world(world)
+
+
+def _work(lay, P, seq_len, rank, step):
+    """Visible (query, key) pairs the kernel computes for one ring step (from its piece plan)."""
+    q_pos, k_pos = step_spans(lay, seq_len, rank, P, step)
+    n = seq_len // P
+    total = 0
+    for p in block_pieces(q_pos, k_pos, n, n, causal=True):
+        rows, keys = p.q1 - p.q0, p.k1 - p.k0
+        total += rows * keys if p.kind == "full" else rows * (keys - rows) + rows * (rows + 1) // 2
+    return total
+
+
+def test_zigzag_balances_causal_work_and_contiguous_does_not():
+    P, seq_len = 4, 64
+    causal_pairs = seq_len * (seq_len + 1) // 2
+    for lay in ("zigzag", "contiguous"):
+        work = [[_work(lay, P, seq_len, i, s) for s in range(P)] for i in range(P)]  # work[rank][step]
+        assert sum(map(sum, work)) == causal_pairs, lay  # every visible pair exactly once
+        if lay == "zigzag":  # the same work on every rank at every step after the diagonal one
+            assert len({sum(w) for w in work}) == 1, work
+            assert len({work[i][s] for i in range(P) for s in range(1, P)}) == 1, work
+        else:  # rank i only has work at steps s <= i: its diagonal triangle and i full n x n blocks
+            n = seq_len // P
+            assert all(work[i][s] == 0 for i in range(P) for s in range(i + 1, P)), work
+            assert [sum(w) for w in work] == [n * (n + 1) // 2 + i * n * n for i in range(P)], work
+
+
+def test_comm_ops_names_volume_and_errors():
+    ops = comm_ops(B, 64, H, D, 4, 1, "bf16", True)
+    assert ops == comm_ops(B, 64, H, D, 2, 2, torch.bfloat16, False, rank=3, layout="contiguous")  # shape-free
+    assert tuple(o.name for o in ops if o.phase == "fwd") == FWD_OPS == ("kv_ring",)
+    assert tuple(o.name for o in ops if o.phase == "bwd") == BWD_OPS == ("kv_dkv_ring", "dkv_to_owner")
+    assert [o.overlapped for o in ops] == [True, True, False]
+    assert comm_ops(B, 24, H, D, 1, 1, "float32", True) == []
+    # the forward volume per rank does not fall with P: 2 (P-1)/P N H D B e -> 2 N H D B e
+    fwd = [total_comm(comm_ops(1, 1 << 12, 1, 1, P, 1, "bf16", True), "fwd")["bytes_sent"] for P in (2, 4, 8, 16)]
+    assert fwd == [2 * (P - 1) * (1 << 12) // P * 2 for P in (2, 4, 8, 16)] and fwd == sorted(fwd)
+    with pytest.raises(GridError, match=r"seq_len 36 .* 4 ranks x 2 chunks.*multiple of 8"):
+        comm_ops(B, 36, H, D, 4, 1, "float32", True)
+    assert comm_ops(B, 36, H, D, 4, 1, "float32", True, layout="contiguous")  # fine without zigzag's chunks
+    with pytest.raises(ValueError, match=r"rank 4 is not in the ring of 4 ranks"):
+        comm_ops(B, 48, H, D, 4, 1, "float32", True, rank=4)
+    with pytest.raises(ValueError, match=r"unknown ring layout 'cyclic'"):
+        comm_ops(B, 48, H, D, 4, 1, "float32", True, layout="cyclic")
+
+
+def test_registered_in_the_registry():
+    zig, cont = get_attention("ring"), get_attention("ring_contiguous")
+    assert (zig.layout, cont.layout) == ("zigzag", "contiguous")
+    assert zig.comm_volume is comm_ops
+    assert cont.comm_volume(B, 36, H, D, 4, 1, "bf16", True) == comm_ops(B, 36, H, D, 4, 1, "bf16", True,
+                                                                         layout="contiguous")
