@@ -220,3 +220,21 @@ def total_comm(ops: Sequence[CommOp], phase: str | None = None) -> dict:
         if phase is None or op.phase == phase:
             stats.add(op.name, op.bytes_sent, op.bytes_received, op.messages)
     return stats.as_dict()
+
+
+# ---------------------------------------------------------------------------------------------- all-reduce
+def all_reduce(x: torch.Tensor, group: dist.ProcessGroup | None, op: str = "all_reduce") -> torch.Tensor:
+    """Sum `x` over the group, in place (x must be contiguous); returns x. Not used by the attention algorithms:
+    the training loop reduces parameter gradients with it (op "grad_all_reduce").
+
+    Counted as a ring all-reduce (reduce-scatter then all-gather) of b bytes over g ranks:
+    sent = received = 2 (g - 1) / g * b (rounded down), messages = 2 (g - 1)."""
+    g = group_size(group)
+    if g == 1:
+        return x
+    if not x.is_contiguous():
+        raise ValueError("all_reduce: the tensor must be contiguous (it is reduced in place)")
+    dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
+    volume = 2 * (g - 1) * _nbytes(x) // g
+    _record(op, volume, volume, 2 * (g - 1))
+    return x

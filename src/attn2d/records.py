@@ -1,0 +1,217 @@
+"""Run records: `config.yaml` and `metrics.jsonl` in a run directory, written atomically, read with validation.
+
+metrics.jsonl holds one JSON object per line (schema: schemas/metrics.schema.json):
+    {"kind": "header", "cell": {...}, "config": {...}, "versions": {...}, "hosts": [...], "devices": [...],
+     "git_rev": ..., "started_at": iso}
+    {"kind": "step", "step", "step_time_s", "tokens_per_s", "tflops_per_gpu", "mfu", "max_mem_gib",
+     "comm_bytes_sent", "comm_bytes_received", "comm_messages", "attn_comm_bytes_sent", "attn_comm_messages",
+     "loss", "comm_by_op": {op: {bytes_sent, bytes_received, messages}}, "comm_per_rank": [...]}   (per timed step)
+    {"kind": "end", "status": "ok" | "failed", "reason": str | null, "finished_at": iso}
+
+Atomicity: rank 0 appends to `metrics.jsonl.partial` and renames it to `metrics.jsonl` only after the end line, so
+a run that died half-way is never read as complete; `read_record` refuses `.partial` files. A failed run still gets
+a complete record, with status "failed" and the reason.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable
+
+METRICS = "metrics.jsonl"
+PARTIAL = METRICS + ".partial"
+CONFIG = "config.yaml"
+SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "metrics.schema.json"
+
+
+class RecordError(ValueError):
+    """A record that is malformed, incomplete or missing; the message names the file and the problem."""
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _json_safe(x: Any) -> Any:
+    """Non-finite floats become null (strict JSON has no NaN); containers are walked."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------- writing
+class RecordWriter:
+    """Rank 0's writer of one run's record (with enabled=False, e.g. on other ranks, every call does nothing).
+
+    header(...) once, step(...) per timed step, end(status, reason) once: end writes the last line and renames
+    the .partial file. If end() comes before header() (a run that failed early), `fallback_header` is written
+    first so the record is still complete and valid."""
+
+    def __init__(self, run_dir: str | os.PathLike, enabled: bool = True, fallback_header: dict | None = None):
+        self.run_dir, self.enabled = Path(run_dir), enabled
+        self.fallback_header = fallback_header
+        self._file = None
+        self._ended = False
+        if enabled:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / METRICS).unlink(missing_ok=True)  # a re-run replaces the old record, never mixes
+            self._file = open(self.run_dir / PARTIAL, "w")
+
+    @property
+    def path(self) -> Path:
+        return self.run_dir / METRICS
+
+    def write_config(self, yaml_text: str) -> None:
+        if self.enabled:
+            _atomic_write_text(self.run_dir / CONFIG, yaml_text)
+
+    def _line(self, obj: dict) -> None:
+        self._file.write(json.dumps(_json_safe(obj), allow_nan=False) + "\n")
+        self._file.flush()
+
+    def header(self, header: dict) -> None:
+        if self.enabled:
+            self._line({"kind": "header", **header})
+            self.fallback_header = None
+
+    def step(self, metrics: dict) -> None:
+        if self.enabled:
+            self._line({"kind": "step", **metrics})
+
+    def end(self, status: str = "ok", reason: str | None = None) -> None:
+        if not self.enabled or self._ended:
+            return
+        self._ended = True
+        if self.fallback_header is not None:
+            self._line({"kind": "header", **self.fallback_header})
+        self._line({"kind": "end", "status": status, "reason": reason, "finished_at": now_iso()})
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self.run_dir / PARTIAL, self.run_dir / METRICS)
+
+
+def write(run_dir: str | os.PathLike, header: dict, steps: Iterable[dict], status: str = "ok",
+          reason: str | None = None, config_yaml: str | None = None) -> Path:
+    """Write a whole record at once (tests, tools); returns the path of metrics.jsonl."""
+    w = RecordWriter(run_dir)
+    if config_yaml is not None:
+        w.write_config(config_yaml)
+    w.header(header)
+    for s in steps:
+        w.step(s)
+    w.end(status, reason)
+    return w.path
+
+
+# ---------------------------------------------------------------------------------------------- reading
+@dataclass
+class Record:
+    path: Path
+    header: dict
+    steps: list[dict] = field(default_factory=list)
+    end: dict = field(default_factory=dict)
+
+    @property
+    def status(self) -> str:
+        return self.end["status"]
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def cell(self) -> dict:
+        return self.header["cell"]
+
+
+@lru_cache(maxsize=1)
+def _validator():
+    import jsonschema
+
+    schema = json.loads(SCHEMA_PATH.read_text())
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema, format_checker=cls.FORMAT_CHECKER)
+
+
+def validate_line(obj: Any) -> str | None:
+    """None if `obj` is a valid record line, else a one-line description of the first problem."""
+    errors = sorted(_validator().iter_errors(obj), key=lambda e: list(e.absolute_path))
+    if not errors:
+        return None
+    e = errors[0]
+    where = "/".join(str(p) for p in e.absolute_path) or "(line)"
+    return f"{where}: {e.message}"
+
+
+def read_record(path: str | os.PathLike) -> Record:
+    """Read and validate a complete record: a run directory or its metrics.jsonl.
+
+    Raises RecordError naming the file and the problem: missing file, a .partial (unfinished) record, a line that
+    is not JSON or does not match the schema, or lines out of order (header, steps, end)."""
+    p = Path(path)
+    if p.is_dir():
+        if not (p / METRICS).exists() and (p / PARTIAL).exists():
+            raise RecordError(f"{p / PARTIAL}: the run has not finished (only a .partial record exists)")
+        p = p / METRICS
+    if p.name.endswith(".partial"):
+        raise RecordError(f"{p}: is a partial record of an unfinished run; only {METRICS} files are complete")
+    if not p.exists():
+        raise RecordError(f"{p}: no such record")
+    header, steps, end = None, [], None
+    lines = p.read_text().splitlines()
+    for i, text in enumerate(lines, start=1):
+        if not text.strip():
+            raise RecordError(f"{p}: line {i} is empty")
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise RecordError(f"{p}: line {i} is not JSON ({e.msg} at column {e.colno})") from None
+        problem = validate_line(obj)
+        if problem:
+            raise RecordError(f"{p}: line {i} ({obj.get('kind', '?') if isinstance(obj, dict) else '?'}): {problem}")
+        kind = obj["kind"]
+        if i == 1 and kind != "header":
+            raise RecordError(f"{p}: line 1 must be the header, found kind {kind!r}")
+        if i > 1 and kind == "header":
+            raise RecordError(f"{p}: line {i} is a second header")
+        if end is not None:
+            raise RecordError(f"{p}: line {i} comes after the end line")
+        if kind == "header":
+            header = obj
+        elif kind == "step":
+            if steps and obj["step"] <= steps[-1]["step"]:
+                raise RecordError(f"{p}: line {i}: step {obj['step']} does not follow step {steps[-1]['step']}")
+            steps.append(obj)
+        else:
+            end = obj
+    if header is None:
+        raise RecordError(f"{p}: the record is empty")
+    if end is None:
+        raise RecordError(f"{p}: the record has no end line (the run did not finish)")
+    if end["status"] == "ok" and not steps:
+        raise RecordError(f"{p}: status ok but no step lines")
+    return Record(p, header, steps, end)
+
+
+def find_records(root: str | os.PathLike) -> list[Path]:
+    """Every complete metrics.jsonl under `root` (sorted); unfinished .partial records are not listed."""
+    return sorted(Path(root).rglob(METRICS))

@@ -1,0 +1,412 @@
+"""Sequence-parallel training of the GPT model, and the entry point `python -m attn2d.train` (Hydra).
+
+Sequence parallelism (every rank of the grid holds the same model and a shard of every sequence):
+- tokens: rank p holds the positions its attention's layout gives it (`cyclic` for Attention2D, `zigzag` or
+  `contiguous` for Ring, `full` for the single-process oracle) and feeds the model those *global* positions;
+- loss: this rank's token cross-entropies summed and divided by the GLOBAL token count B*N, so the sum over ranks
+  is the mean loss of the whole batch (the attention's backward carries each rank's gradient to the others' q/k/v);
+- parameter gradients: summed over the ranks (one counted all-reduce per 64 MiB bucket, op "grad_all_reduce"), or,
+  with `benchmark.fsdp`, reduce-scattered by FSDP2 (`fully_shard` per block and at the root, divide factor 1 so the
+  sum stays a sum) which also shards parameters and optimizer state;
+- optional activation checkpointing (per block) and bf16 autocast (fp32 parameters and gradients).
+
+The same `train_step` runs under torchrun, under submitit (attn2d.distributed.init_distributed exports the
+environment) and as plain python (world size 1); tests call it through attn2d.testing.run_distributed.
+CUDA paths (NCCL, bf16 autocast on GPU, device-event timing) are written from the documented APIs and were not run
+on a GPU here.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+import hydra
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from attn2d import bench, records
+from attn2d.attention import get_attention, layout
+from attn2d.config import Settings, gpt_config, validate
+from attn2d.distributed import ProcessGrid, comm, count_comm, destroy_distributed, init_distributed
+from attn2d.model import GPT, shard_loss_sum
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+GRAD_BUCKET_BYTES = 64 * 2**20
+
+
+# ---------------------------------------------------------------------------------------------- sequence parallelism
+class SequenceParallel:
+    """This rank's part of sequence parallelism: the process grid, the attention and its token layout.
+
+    grid=None means one process without torch.distributed (the single-device reference)."""
+
+    def __init__(self, attention: str, causal: bool = True, grid: ProcessGrid | None = None):
+        self.impl, self.causal, self.grid = get_attention(attention), causal, grid
+        self._pos: dict = {}
+
+    @property
+    def size(self) -> int:
+        return self.grid.size if self.grid is not None else 1
+
+    @property
+    def group(self):
+        return self.grid.group if self.grid is not None else None
+
+    def positions(self, seq_len: int, device) -> torch.Tensor:
+        """Global positions (N/P,) of this rank's tokens, in the attention's layout."""
+        key = (seq_len, str(device))
+        if key not in self._pos:
+            if self.grid is None or self.impl.layout == "full":
+                self._pos[key] = torch.arange(seq_len, device=device)
+            else:
+                self._pos[key] = layout.positions(self.impl.layout, seq_len, self.grid, device)
+        return self._pos[key]
+
+    def shard(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, ...) -> this rank's (B, N/P, ...)."""
+        return x.index_select(1, self.positions(x.shape[1], x.device))  # (B, N/P)
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The model's attention callable: (B, N/P, H, D) shards in, this rank's output shard out."""
+        return self.impl.fn(q, k, v, grid=self.grid, causal=self.causal)
+
+
+def synthetic_batch(step: int, batch_size: int, seq_len: int, vocab_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded synthetic tokens (B, N) and next-token targets (B, N), identical on every rank.
+
+    Each sequence is an arithmetic progression x0 + stride * t (mod vocab) with 10% of tokens replaced by random ones:
+    learnable from the previous tokens, so the loss of a smoke run falls."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    t = torch.arange(seq_len + 1)  # (N+1,)
+    x0 = torch.randint(vocab_size, (batch_size, 1), generator=g)  # (B, 1)
+    stride = torch.randint(1, 8, (batch_size, 1), generator=g)  # (B, 1)
+    seq = (x0 + stride * t) % vocab_size  # (B, N+1)
+    noise = torch.rand(batch_size, seq_len + 1, generator=g) < 0.1  # (B, N+1)
+    seq = torch.where(noise, torch.randint(vocab_size, seq.shape, generator=g), seq)  # (B, N+1)
+    return seq[:, :-1].contiguous(), seq[:, 1:].contiguous()  # (B, N) each
+
+
+# ---------------------------------------------------------------------------------------------- model, FSDP, optimizer
+def fsdp_sharder(device: torch.device, dtype: str) -> Callable[..., None]:
+    """FSDP2 over all ranks (= the sequence-parallel group): `shard(block)` for each block, then `shard(model,
+    root=True)`. Shards parameters, gradients and optimizer state.
+
+    Gradients are reduce-scattered as a SUM (divide factor 1, sum-only collectives) because each rank's loss is
+    already its share of the global mean. bf16 runs gather bf16 parameters and reduce in fp32. Blocks are
+    resharded after the forward (gathered again in the backward), the root is not."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if dtype == "bfloat16" else None,
+                              reduce_dtype=None if dtype == "float64" else torch.float32)
+
+    def shard(module: torch.nn.Module, root: bool = False) -> None:
+        fully_shard(module, mesh=mesh, mp_policy=mp, reshard_after_forward=not root)
+        if root:
+            for m in module.modules():
+                if isinstance(m, FSDPModule):
+                    m.set_gradient_divide_factor(1.0)
+                    if hasattr(m, "set_force_sum_reduction_for_comms"):  # torch >= 2.8; gloo has no PREMUL_SUM
+                        m.set_force_sum_reduction_for_comms(True)
+
+    return shard
+
+
+def build_model(settings: Settings, sp: SequenceParallel, device: torch.device) -> GPT:
+    """The GPT on `device`, with the same initial values on every rank and with or without FSDP.
+
+    Built on the meta device, then materialised block by block with per-parameter seeded init (GPT.init_parameters);
+    with `benchmark.fsdp` each block is sharded right away, so the full fp32 model never exists on one device
+    (GPT-3 13B: 52 GB). float64 runs get float64 parameters."""
+    b = settings.benchmark
+    mcfg = gpt_config(settings.model, seq_len=b.seq_len, activation_checkpointing=b.activation_checkpointing)
+    with torch.device("meta"):
+        model = GPT(mcfg, sp.attention)
+    if b.dtype == "float64":
+        model = model.double()
+    shard = fsdp_sharder(device, b.dtype) if b.fsdp else None
+    for i, block in enumerate(model.blocks):
+        block.to_empty(device=device)
+        model.init_parameters([n for n, _ in model.named_parameters() if n.startswith(f"blocks.{i}.")], seed=b.seed)
+        if shard:
+            shard(block)
+    rest = [n for n, _ in model.named_parameters() if not n.startswith("blocks.")]
+    for module in (model.wte, model.wpe, model.ln_f):
+        if module is not None:
+            module.to_empty(device=device)
+    model.lm_head.weight = model.wte.weight  # to_empty made a new table: tie again
+    model.init_parameters(rest, seed=b.seed)
+    if shard:
+        shard(model, root=True)
+    return model
+
+
+def fsdp_units(model: GPT) -> list[tuple[int, int]]:
+    """(parameter count, all-gathers per step) of each FSDP unit: every block is gathered in the forward and again
+    in the backward (reshard_after_forward), the root (embeddings, final LayerNorm) once."""
+    blocks = [sum(p.numel() for p in blk.parameters()) for blk in model.blocks]
+    return [(n, 2) for n in blocks] + [(model.num_params(non_embedding=False) - sum(blocks), 1)]
+
+
+def fsdp_comm(units: list[tuple[int, int]], world: int, param_bytes: int, grad_bytes: int) -> list[tuple]:
+    """Analytic FSDP traffic of one step per rank (FSDP's collectives do not go through attn2d.distributed.comm):
+    op, sent, received, messages for the parameter all-gathers and the gradient reduce-scatters."""
+    if world == 1:
+        return []
+    g = world
+    gather = sum(n * times for n, times in units) * param_bytes * (g - 1) // g
+    scatter = sum(n for n, _ in units) * grad_bytes * (g - 1) // g
+    return [("fsdp_param_all_gather", gather, gather, sum(t for _, t in units) * (g - 1)),
+            ("fsdp_grad_reduce_scatter", scatter, scatter, len(units) * (g - 1))]
+
+
+def make_optimizer(model: GPT, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=weight_decay)
+
+
+# ---------------------------------------------------------------------------------------------- one training step
+def reduce_gradients(model: torch.nn.Module, group) -> None:
+    """Sum every parameter gradient over the sequence-parallel group, in buckets (counted as "grad_all_reduce")."""
+    if comm.group_size(group) == 1:
+        return
+    params = list(model.parameters())
+    for p in params:
+        if p.grad is None:  # every rank must reduce the same buffers
+            p.grad = torch.zeros_like(p)
+    buckets: list[list[torch.Tensor]] = []
+    size = 0
+    for p in params:
+        nbytes = p.grad.numel() * p.grad.element_size()
+        if not buckets or size + nbytes > GRAD_BUCKET_BYTES or buckets[-1][0].dtype != p.grad.dtype:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(p.grad)
+        size += nbytes
+    for bucket in buckets:
+        flat = torch.cat([g.reshape(-1) for g in bucket])  # (sum numel,)
+        comm.all_reduce(flat, group, op="grad_all_reduce")
+        for g, part in zip(bucket, flat.split([g.numel() for g in bucket])):
+            g.copy_(part.view_as(g))
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sp: SequenceParallel, idx: torch.Tensor,
+               targets: torch.Tensor, *, autocast_dtype: torch.dtype | None = None, fsdp: bool = False) -> torch.Tensor:
+    """One optimizer step on the full batch idx, targets (B, N) (same on every rank; each rank uses its shard).
+
+    Returns this rank's loss contribution (detached); their sum over ranks is the batch's mean token loss."""
+    idx_p, tgt_p = sp.shard(idx), sp.shard(targets)  # (B, N/P) each
+    pos = sp.positions(idx.shape[1], idx.device)  # (N/P,)
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(idx.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+        logits = model(idx_p, pos)  # (B, N/P, vocab)
+        loss = shard_loss_sum(logits, tgt_p) / idx.numel()  # this rank's share of the global mean
+    loss.backward()
+    if not fsdp:  # FSDP2 reduce-scatters the gradients inside backward
+        reduce_gradients(model, sp.group)
+    optimizer.step()
+    return loss.detach()
+
+
+def full_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter as a full CPU tensor (FSDP's DTensors are gathered: a collective, call it on every rank)."""
+    out = {}
+    for name, p in model.named_parameters():
+        t = p.full_tensor() if hasattr(p, "full_tensor") else p
+        out[name] = t.detach().cpu().clone()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- run records
+def _gather(obj) -> list:
+    """Every rank's `obj`, in rank order (not counted: bookkeeping, outside the timed step)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device) if torch.cuda.is_available() else "cuda (not available)"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return "cpu: " + line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "cpu: " + (platform.processor() or platform.machine())
+
+
+def versions() -> dict[str, str | None]:
+    out = {"python": platform.python_version(), "torch_cuda": torch.version.cuda}
+    for pkg in ("torch", "attn2d", "hydra-core", "omegaconf", "submitit", "hydra-submitit-launcher", "flash-attn"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = None
+    if torch.cuda.is_available():
+        out["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+    return out
+
+
+def git_rev() -> str | None:
+    """HEAD of the repository holding this package, '+dirty' when the tree has changes; None outside git."""
+    repo = Path(__file__).resolve().parents[2]
+    try:
+        rev = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if rev.returncode:
+            return None
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return rev.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def _container(cfg: DictConfig) -> dict:
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # noqa: BLE001 - an unresolvable key: keep the interpolation text
+        return OmegaConf.to_container(cfg, resolve=False)
+
+
+def _cell(cfg: DictConfig, world_size: int | None, hosts: list[str], device: torch.device) -> dict:
+    def sel(key):
+        try:
+            return OmegaConf.select(cfg, key, default=None)
+        except Exception:  # noqa: BLE001
+            return None
+
+    nodes = len(set(hosts)) or None
+    return {
+        "experiment": sel("experiment_name"), "model": sel("model.name"), "attention": sel("attention.name"),
+        "rows": sel("grid.rows"), "cols": sel("grid.cols"), "world_size": world_size, "nodes": nodes,
+        "gpus_per_node": world_size // nodes if device.type == "cuda" and nodes and world_size else 0,
+        "seq_len": sel("benchmark.seq_len"), "batch_size": sel("benchmark.batch_size"),
+        "dtype": sel("benchmark.dtype"), "device": device.type,
+    }
+
+
+def _fallback_header(cfg: DictConfig, world_size: int | None, dev: torch.device, launcher: str | None, started: str,
+                     with_git: bool = True) -> dict:
+    """The header a run that fails before it knows every rank writes (this host only)."""
+    host = socket.gethostname()
+    return {"cell": _cell(cfg, world_size, [host], dev), "config": _container(cfg), "versions": versions(),
+            "hosts": [host], "devices": [device_name(dev)], "git_rev": git_rev() if with_git else None,
+            "started_at": started, "launcher": launcher}
+
+
+def _guess_rank() -> int:
+    """This process's rank before torch.distributed is up (torchrun, srun, submitit), else 0."""
+    for key in ("RANK", "SLURM_PROCID"):
+        if key in os.environ:
+            return int(os.environ[key])
+    try:
+        import submitit
+
+        return submitit.JobEnvironment().global_rank
+    except (ImportError, RuntimeError):
+        return 0
+
+
+# ---------------------------------------------------------------------------------------------- the run
+def run(cfg: DictConfig) -> dict:
+    """Validate, build, warm up, time `benchmark.steps` steps and write the record (rank 0). Re-raises failures
+    after writing a record with status "failed"."""
+    started = records.now_iso()
+    try:
+        info = init_distributed(timeout_s=float(OmegaConf.select(cfg, "benchmark.timeout_s", default=300.0)),
+                                device=str(OmegaConf.select(cfg, "benchmark.device", default="auto")))
+    except BaseException as e:  # no process group: the rank that is probably 0 records the failure
+        if _guess_rank() == 0:
+            asked = str(OmegaConf.select(cfg, "benchmark.device", default="cpu"))
+            header = _fallback_header(cfg, None, torch.device("cuda" if asked == "cuda" else "cpu"), None, started)
+            records.RecordWriter(cfg.run_dir, fallback_header=header).end("failed", f"{type(e).__name__}: {e}"[:4000])
+        raise
+    rank0 = info.rank == 0
+    dev = info.device
+    fallback = _fallback_header(cfg, info.world_size, dev, info.launcher, started, with_git=rank0)
+    writer = records.RecordWriter(cfg.run_dir, enabled=rank0, fallback_header=fallback)
+    bar = None
+    try:
+        s = validate(cfg, world_size=info.world_size)
+        b = s.benchmark
+        grid = ProcessGrid(s.grid.rows, s.grid.cols)
+        sp = SequenceParallel(s.attention.name, s.attention.causal, grid)
+        model = build_model(s, sp, dev)
+        if not b.fsdp:  # seeded per-parameter init; check it anyway where it is cheap
+            checksums = _gather(float(sum(p.detach().sum(dtype=torch.float64) for p in model.parameters())))
+            if len(set(checksums)) != 1:
+                raise RuntimeError(f"ranks initialised different parameters (checksums {checksums})")
+        n_dense, n_total = model.num_params(non_embedding=True), model.num_params(non_embedding=False)
+        units = fsdp_units(model)
+        optimizer = make_optimizer(model, b.optimizer, b.lr, b.weight_decay)
+        autocast = torch.bfloat16 if b.dtype == "bfloat16" else None
+        pbytes = 2 if b.dtype == "bfloat16" else DTYPES[b.dtype].itemsize
+        fsdp_ops = fsdp_comm(units, info.world_size, pbytes, 8 if b.dtype == "float64" else 4) if b.fsdp else []
+        flops = bench.flops_per_step(model.cfg, n_dense, b.batch_size, b.seq_len, s.attention.causal)
+
+        everyone = _gather({"host": socket.gethostname(), "device": device_name(dev)})
+        hosts = [e["host"] for e in everyone]
+        if dev.type == "cpu":  # ranks sharing a host share its cores; 0: divide them evenly
+            torch.set_num_threads(b.cpu_threads or max(1, len(os.sched_getaffinity(0)) // hosts.count(socket.gethostname())))
+        writer.write_config(OmegaConf.to_yaml(_container(cfg)))
+        writer.header({**fallback, "cell": _cell(cfg, info.world_size, hosts, dev), "hosts": hosts,
+                       "devices": [e["device"] for e in everyone], "params_non_embedding": n_dense,
+                       "params_total": n_total, "flops_per_step": flops["total"]})
+
+        from tqdm import tqdm
+
+        cell = f"{s.model.name} {s.attention.name} {s.grid.rows}x{s.grid.cols} N={b.seq_len}"
+        bar = tqdm(total=b.warmup_steps + b.steps, desc=cell, disable=not (rank0 and b.progress), file=sys.stderr,
+                   dynamic_ncols=True)
+        times = []
+        for step in range(b.warmup_steps + b.steps):
+            idx, tgt = (t.to(dev) for t in synthetic_batch(step, b.batch_size, b.seq_len, s.model.vocab_size, b.seed))
+            with count_comm() as stats, bench.StepTimer(dev) as timer:
+                loss = train_step(model, optimizer, sp, idx, tgt, autocast_dtype=autocast, fsdp=b.fsdp)
+            bar.update(1)
+            if step < b.warmup_steps:
+                continue
+            for op in fsdp_ops:
+                stats.add(*op)
+            per_rank = _gather({"time": timer.elapsed_s, "loss": float(loss), "mem": bench.max_mem_gib(dev),
+                                "comm": stats.as_dict()})
+            step_time = max(r["time"] for r in per_rank)
+            times.append(step_time)
+            tflops = bench.tflops_per_gpu(flops["total"], info.world_size, step_time)
+            global_loss = sum(r["loss"] for r in per_rank)
+            writer.step({"step": step, "step_time_s": step_time, "tokens_per_s": b.batch_size * b.seq_len / step_time,
+                         "tflops_per_gpu": tflops, "mfu": bench.mfu(tflops, b.peak_tflops),
+                         "max_mem_gib": max(r["mem"] for r in per_rank), "loss": global_loss,
+                         **bench.max_over_ranks([r["comm"] for r in per_rank])})
+            bar.set_postfix(loss=f"{global_loss:.4f}", step_s=f"{step_time:.3g}")
+        writer.end("ok")
+        return {"run_dir": str(cfg.run_dir), "status": "ok", "mean_step_time_s": sum(times) / len(times)}
+    except BaseException as e:
+        writer.end("failed", f"{type(e).__name__}: {e}"[:4000])
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+        destroy_distributed()
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="config")
+def main(cfg: DictConfig) -> dict:
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main()
