@@ -65,6 +65,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from attn2d.attention import AttentionImpl, kernels, merge, register
+from attn2d.attention.common import (check_grid_shards, grid_rank, kv_moves, kv_recv_peer, kv_send_peer,
+                                     permute_kv, wire_bytes)
 from attn2d.attention.layout import Span
 from attn2d.distributed import comm
 from attn2d.distributed.comm import CommOp
@@ -77,18 +79,6 @@ BWD_OPS = ("qodo_row_all_gather", "kv_col_all_gather_bwd", "dq_row_reduce_scatte
 
 
 # ---------------------------------------------------------------------------------------------- layout helpers
-def kv_send_peer(r: int, c: int, rows: int, cols: int) -> tuple[int, int]:
-    """Alg. 1 L1: p(r, c) holds column-major class t = r + c*rows; its row-major owner is p(t // cols, t % cols)."""
-    t = r + c * rows
-    return t // cols, t % cols
-
-
-def kv_recv_peer(r: int, c: int, rows: int, cols: int) -> tuple[int, int]:
-    """Alg. 1 L1: p(r, c) needs row-major class s = c + r*cols, held (column-major) by p(s % rows, s // rows)."""
-    s = c + r * cols
-    return s % rows, s // rows
-
-
 def _to_position_order(blocks: torch.Tensor) -> torch.Tensor:
     """Gathered blocks (G, ..., B, n, H, D) from group ranks i -> (..., B, n*G, H, D) with row m = j*G + i.
 
@@ -113,23 +103,12 @@ def _unpack(buf: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tenso
     return comm.unpack(buf, like)
 
 
-def _permute(x: torch.Tensor, grid: ProcessGrid, send_to: tuple[int, int], recv_from: tuple[int, int],
-             op: str) -> torch.Tensor:
-    """Send x to p(send_to), receive a tensor like x from p(recv_from); a fixed point moves (and counts) nothing."""
-    if send_to == (grid.row, grid.col):
-        return x
-    buf = torch.empty_like(x, memory_format=torch.contiguous_format)
-    return comm.send_recv([(x, grid.global_rank(*send_to))], [(buf, grid.global_rank(*recv_from))], op=op)[0]
-
-
 # ---------------------------------------------------------------------------------------------- forward pieces
 def kv_to_row_major(k_p: torch.Tensor, v_p: torch.Tensor, grid: ProcessGrid) -> tuple[torch.Tensor, torch.Tensor]:
     """Algorithm 1 L1 (Sec. 3.2): column-major -> row-major cyclic K/V, K and V packed in one message."""
-    r, c, rows, cols = grid.row, grid.col, grid.rows, grid.cols
-    if kv_send_peer(r, c, rows, cols) == (r, c):  # fixed point (diagonal, 1-D grids): keep the inputs, no copy
+    if not kv_moves(grid.row, grid.col, grid.rows, grid.cols):  # fixed point (diagonal, 1-D grids): no copy
         return k_p, v_p
-    buf = _permute(comm.pack([k_p, v_p]), grid, kv_send_peer(r, c, rows, cols), kv_recv_peer(r, c, rows, cols),
-                   op="kv_to_row_major")
+    buf = permute_kv(comm.pack([k_p, v_p]), grid, op="kv_to_row_major")
     k_t, v_t = comm.unpack(buf, [k_p, v_p])  # (B, N/P, H, D) each: positions c + r*C + j*P
     return k_t, v_t
 
@@ -200,9 +179,7 @@ def attention2d_backward(dout_p, q_p, k_t, v_t, out_p, lse_p, grid: ProcessGrid,
     dkv_t = comm.reduce_scatter([dkv_blocks[:, :, :, i] for i in range(rows)], grid.col_group,
                                 op="dkv_col_reduce_scatter")  # (2, B, N/P, H, D)
     # B6: inverse of Alg. 1 L1: back to the column-major cyclic layout
-    r, c = grid.row, grid.col
-    dkv_p = _permute(dkv_t, grid, kv_recv_peer(r, c, rows, cols), kv_send_peer(r, c, rows, cols),
-                     op="dkv_to_col_major")  # (2, B, N/P, H, D)
+    dkv_p = permute_kv(dkv_t, grid, op="dkv_to_col_major", inverse=True)  # (2, B, N/P, H, D)
     dk_p, dv_p = dkv_p.unbind(0)
     return dq_p, dk_p, dv_p
 
@@ -228,52 +205,15 @@ class Attention2DFunction(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------------------------- public entry
-def _validate(q, k, v, grid) -> None:
-    if not isinstance(grid, ProcessGrid):
-        raise TypeError(f"attention2d needs an attn2d.distributed.ProcessGrid, got {type(grid).__name__}")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise ValueError(f"attention2d: {name} has shape {tuple(t.shape)}; expected 4 dims (B, N/P, H, D)")
-        if not t.is_floating_point():
-            raise ValueError(f"attention2d: {name} has dtype {t.dtype}; expected a floating dtype")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"attention2d: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}; cast them to one dtype")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"attention2d: q, k, v devices differ: {q.device}, {k.device}, {v.device}")
-    if not (q.shape[2] == k.shape[2] == v.shape[2]):
-        raise ValueError(f"attention2d: heads differ: q has {q.shape[2]}, k {k.shape[2]}, v {v.shape[2]}; grouped-query "
-                         "attention is not supported (repeat the k/v heads to q's count first)")
-    if q.shape != k.shape or q.shape != v.shape:
-        raise ValueError(f"attention2d: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must have one shape "
-                         "(B, N/P, H, D): every rank holds N/P positions of each in the cyclic layout")
-    if q.shape[1] < 1:
-        raise ValueError(f"attention2d: the local shard holds {q.shape[1]} positions; the sequence must have at least "
-                         f"one position per rank (a multiple of P = {grid.rows}x{grid.cols} = {grid.size})")
-
-
 def attention2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: ProcessGrid, causal: bool = True) -> torch.Tensor:
     """Attention2D-NO (Algorithms 1, 2, 7). q, k, v: this rank's cyclic shard (B, N/P, H, D) -> out, same shape.
 
     The global sequence length is N = P * (N/P); every rank must pass the same shape. Differentiable."""
-    _validate(q, k, v, grid)
+    check_grid_shards("attention2d", q, k, v, grid)
     return Attention2DFunction.apply(q, k, v, grid, bool(causal))
 
 
 # ---------------------------------------------------------------------------------------------- analytic volume
-_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-           "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-           "fp64": torch.float64, "float64": torch.float64, "double": torch.float64}
-
-
-def _as_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    key = str(dtype).removeprefix("torch.").lower()
-    if key not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(_DTYPES)}")
-    return _DTYPES[key]
-
-
 def comm_ops(batch: int, seq_len: int, heads: int, head_dim: int, rows: int, cols: int, dtype, causal: bool = True,
              rank: int | None = None) -> list[CommOp]:
     """Per-rank communication of Attention2D-NO, op by op, forward then backward (see the module docstring).
@@ -285,19 +225,13 @@ def comm_ops(batch: int, seq_len: int, heads: int, head_dim: int, rows: int, col
     check_grid(rows, cols, rows * cols)
     world = rows * cols
     check_seq_len(seq_len, world)
-    if rank is None:
-        moving = [k for k in range(world) if kv_send_peer(*divmod(k, cols), rows, cols) != divmod(k, cols)]
-        rank = moving[0] if moving else 0
-    if not 0 <= rank < world:
-        raise ValueError(f"rank {rank} is not in the {rows}x{cols} grid (0..{world - 1})")
-    dt = _as_dtype(dtype)
-    e = torch.empty((), dtype=dt).element_size()
-    acc = 8 if dt == torch.float64 else 4  # lse and gradient accumulation bytes
+    rank = grid_rank(rows, cols, rank)
+    e, acc = wire_bytes(dtype)  # input dtype bytes; lse and gradient accumulation bytes
     rows_p = batch * heads * (seq_len // world)  # (batch, head, position) rows of one shard
     vec = rows_p * head_dim * e  # bytes of one (B, N/P, H, D) shard in the input dtype
     vec_acc = rows_p * head_dim * acc  # ... in the accumulation dtype
     lse = rows_p * acc  # bytes of one (B, H, N/P) lse shard
-    moves_kv = kv_send_peer(*divmod(rank, cols), rows, cols) != divmod(rank, cols)
+    moves_kv = kv_moves(*divmod(rank, cols), rows, cols)
 
     def coll(phase, name, kind, group, g, nbytes):
         return CommOp(phase, name, kind, group, g, (g - 1) * nbytes, (g - 1) * nbytes, g - 1, steps=g - 1)

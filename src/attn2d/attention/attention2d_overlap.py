@@ -70,90 +70,14 @@ from torch.autograd.function import once_differentiable
 
 from attn2d.attention import AttentionImpl, register
 from attn2d.attention import kernels
+from attn2d.attention.common import acc_dtype, check_grid_shards, grid_rank, kv_moves, permute_kv, recv_like, wire_bytes
 from attn2d.attention.layout import Span
 from attn2d.attention.merge import merge_partials
 from attn2d.distributed import comm
 from attn2d.distributed.comm import CommOp
 from attn2d.distributed.grid import ProcessGrid, check_seq_len
 
-# ------------------------------------------------------------------------------------------------ small helpers
-# (duplicated on purpose from what Attention2D-NO needs; to be shared once both modules have settled)
-_DTYPE_NAMES = {
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-    "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-    "fp64": torch.float64, "float64": torch.float64, "double": torch.float64,
-}
-
-
-def _as_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    name = str(dtype).removeprefix("torch.").lower()
-    if name not in _DTYPE_NAMES:
-        raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(sorted(_DTYPE_NAMES))} or a torch.dtype")
-    return _DTYPE_NAMES[name]
-
-
-def _recv_like(x: torch.Tensor) -> torch.Tensor:
-    """A contiguous receive buffer shaped like x (gloo and comm need contiguous buffers)."""
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation / gradient wire dtype: fp32 (fp64 for fp64 inputs)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _check_inputs(q, k, v, grid) -> None:
-    """The checks of Attention2D-NO (same API), with this function's name in the messages."""
-    if not isinstance(grid, ProcessGrid):
-        raise TypeError(f"attention2d_overlap needs an attn2d.distributed.ProcessGrid, got {type(grid).__name__}")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise ValueError(f"attention2d_overlap: {name} has shape {tuple(t.shape)}; expected 4 dims (B, N/P, H, D)")
-        if not t.is_floating_point():
-            raise ValueError(f"attention2d_overlap: {name} has dtype {t.dtype}; expected a floating dtype")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"attention2d_overlap: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}; "
-                         "cast them to one dtype")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"attention2d_overlap: q, k, v devices differ: {q.device}, {k.device}, {v.device}")
-    if not (q.shape[2] == k.shape[2] == v.shape[2]):
-        raise ValueError(f"attention2d_overlap: heads differ: q has {q.shape[2]}, k {k.shape[2]}, v {v.shape[2]}; "
-                         "grouped-query attention is not supported (repeat the k/v heads to q's count first)")
-    if q.shape != k.shape or q.shape != v.shape:
-        raise ValueError(f"attention2d_overlap: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must have "
-                         "one shape (B, N/P, H, D): every rank holds N/P positions of each in the cyclic layout")
-    if q.shape[1] < 1:
-        raise ValueError(f"attention2d_overlap: the local shard holds {q.shape[1]} positions; the sequence must have "
-                         f"at least one position per rank (a multiple of P = {grid.rows}x{grid.cols} = {grid.size})")
-
-
-def _transpose_peers(grid: ProcessGrid) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Alg. 4 L1 for any R x C grid: ((r, c) we send k_p to, (r, c) we receive k_t from).
-
-    We hold residue sigma = r + c*R and need rho = c + r*C (mod P). Square grid: both are the transpose peer."""
-    R, C, r, c = grid.rows, grid.cols, grid.row, grid.col
-    sigma, rho = r + c * R, c + r * C
-    return divmod(sigma, C), (rho % R, rho // R)
-
-
-def _is_fixed_point(r: int, c: int, rows: int, cols: int) -> bool:
-    """True when p(r, c) already holds its k_t (diagonal of a square grid, every rank of a 1 x C or R x 1 grid)."""
-    return r + c * rows == c + r * cols
-
-
-def _permute(x: torch.Tensor, grid: ProcessGrid, inverse: bool, op: str) -> torch.Tensor:
-    """Alg. 4 L1 (inverse=False) or its inverse (backward B5) on one stacked tensor; blocking exchange."""
-    if _is_fixed_point(grid.row, grid.col, grid.rows, grid.cols):
-        return x
-    to, frm = _transpose_peers(grid)
-    if inverse:
-        to, frm = frm, to
-    buf = _recv_like(x)
-    return comm.send_recv([(x, grid.global_rank(*to))], [(buf, grid.global_rank(*frm))], op=op, group=grid.group)[0]
-
-
+# ------------------------------------------------------------------------------------------------ helpers
 class _ColumnReduceScatter:
     """Backward B4: pipelined ring reduce-scatter of the fp32 dK_g/dV_g blocks up the grid column.
 
@@ -171,7 +95,7 @@ class _ColumnReduceScatter:
         msg = self.dkv[(r + s) % R]  # (2, B, n, H, D)
         if s > 1:
             msg = msg + self.handle.wait()[0]  # partial of block (r+s) from the rows below
-        recv = _recv_like(msg)
+        recv = recv_like(msg)
         name = self.op + ("_tail" if self.tail_exposed and s == R - 1 else "")
         self.keep = msg  # the send buffer must live until the exchange completes
         self.handle = comm.send_recv([(msg, self.up)], [(recv, self.down)], op=name, async_op=True,
@@ -199,7 +123,7 @@ def gather_compute(q_p, kv_t, grid: ProcessGrid, causal: bool):
         if i > 0:
             kv = handle.wait()[0]  # Alg. 5 L3
         if i < R - 1:  # Alg. 5 L4: pass it on before computing with it
-            handle = comm.send_recv([(kv, up)], [(_recv_like(kv), down)], op="kv_col_gather", async_op=True,
+            handle = comm.send_recv([(kv, up)], [(recv_like(kv), down)], op="kv_col_gather", async_op=True,
                                     group=grid.col_group)
         src = (r + i) % R
         o_i, l_i = kernels.attn_forward(q_p, kv[0], kv[1], causal=causal, q_pos=q_pos, k_pos=Span(c + src * C, P, n))
@@ -223,9 +147,9 @@ def gather_compute_scatter(q_n, kv_g, grid: ProcessGrid, causal: bool, out_dtype
     B, n, H, D = q_n.shape
     left, right = grid.global_rank(r, c - 1), grid.global_rank(r, c + 1)  # Alg. 6 L1
     k_pos = kv_g_spans(grid, n)
-    acc = _acc_dtype(out_dtype)
+    acc = acc_dtype(out_dtype)
     like = [torch.empty(B, H, n, dtype=acc), torch.empty(B, n, H, D, dtype=out_dtype)]  # wire: lse, out (q's dtype)
-    q_b = _recv_like(q_n)
+    q_b = recv_like(q_n)
     h_g = h_s = sent = None
     for i in range(1, C):  # Alg. 6 L2; q_n is the Q block of column (c + i) % C
         if i > 1:
@@ -240,7 +164,7 @@ def gather_compute_scatter(q_n, kv_g, grid: ProcessGrid, causal: bool, out_dtype
             o_p, l_p = merge_partials([o_p, o_r], [l_p, l_r])  # Alg. 6 L8 (fp32)
         sent = comm.pack([l_p.to(acc), o_p.to(out_dtype)])  # widest dtype first: every view stays aligned
         op = "out_row_scatter" if i < C - 1 else "out_row_scatter_tail"
-        h_s = comm.send_recv([(sent, left)], [(_recv_like(sent), right)], op=op, async_op=True,
+        h_s = comm.send_recv([(sent, left)], [(recv_like(sent), right)], op=op, async_op=True,
                              group=grid.row_group)  # Alg. 6 L9
         q_n, q_b = q_b, q_n  # Alg. 6 L10
     l, o = comm.unpack(h_s.wait()[0], like)  # Alg. 6 L11
@@ -250,17 +174,17 @@ def gather_compute_scatter(q_n, kv_g, grid: ProcessGrid, causal: bool, out_dtype
 def _forward(q_p, k_p, v_p, grid: ProcessGrid, causal: bool):
     """Algorithm 4 (Attention2D-O forward), Sec. 3.4. Returns out_p (q's dtype), lse_p (fp32), kv_t."""
     C, r, c = grid.cols, grid.row, grid.col
-    kv_t = _permute(torch.stack([k_p, v_p]), grid, inverse=False, op="kv_transpose")  # Alg. 4 L1, (2, B, n, H, D)
+    kv_t = permute_kv(torch.stack([k_p, v_p]), grid, op="kv_transpose")  # Alg. 4 L1, (2, B, n, H, D)
     if C > 1:  # Alg. 4 L2-3: first Q block in the background
         left, right = grid.global_rank(r, c - 1), grid.global_rank(r, c + 1)
-        q_n = _recv_like(q_p)
+        q_n = recv_like(q_p)
         h_g = comm.send_recv([(q_p, left)], [(q_n, right)], op="q_row_ring", async_op=True, group=grid.row_group)
     kv_g, out1, lse1 = gather_compute(q_p, kv_t, grid, causal)  # Alg. 4 L4
     if C > 1:
         h_g.wait()  # Alg. 4 L5
         out2, lse2 = gather_compute_scatter(q_n, kv_g, grid, causal, q_p.dtype)  # Alg. 4 L6
         out1, lse1 = merge_partials([out1, out2], [lse1, lse2])  # Alg. 4 L7
-    lse_p = lse1.to(_acc_dtype(q_p.dtype))
+    lse_p = lse1.to(acc_dtype(q_p.dtype))
     return out1.to(q_p.dtype), lse_p, kv_t  # Alg. 4 L8
 
 
@@ -269,13 +193,13 @@ def _backward(dout_p, q_p, kv_t, out_p, lse_p, grid: ProcessGrid, causal: bool):
     """Attention2D-O backward (B1-B5 of the module docstring). Returns dq_p, dk_p, dv_p in fp32 (fp64)."""
     R, C, P, r, c = grid.rows, grid.cols, grid.size, grid.row, grid.col
     B, n, H, D = q_p.shape
-    acc = _acc_dtype(q_p.dtype)
+    acc = acc_dtype(q_p.dtype)
     left, right = grid.global_rank(r, c - 1), grid.global_rank(r, c + 1)
     up, down = grid.global_rank(r - 1, c), grid.global_rank(r + 1, c)
     own = [lse_p, q_p, out_p, dout_p]  # widest dtype first: every view of a packed buffer stays aligned
     if C > 1:  # B1: first Q-side bundle in the background
         bundle = comm.pack(own)  # (bytes,) lse fp32, then q, out, dout in q's dtype
-        b_n = _recv_like(bundle)
+        b_n = recv_like(bundle)
         h_g = comm.send_recv([(bundle, left)], [(b_n, right)], op="qbundle_row_ring", async_op=True,
                              group=grid.row_group)
 
@@ -289,7 +213,7 @@ def _backward(dout_p, q_p, kv_t, out_p, lse_p, grid: ProcessGrid, causal: bool):
         if i > 0:
             kv = handle.wait()[0]
         if i < R - 1:
-            handle = comm.send_recv([(kv, up)], [(_recv_like(kv), down)], op="kv_col_gather_bwd",
+            handle = comm.send_recv([(kv, up)], [(recv_like(kv), down)], op="kv_col_gather_bwd",
                                     async_op=True, group=grid.col_group)
         src = (r + i) % R
         dq, dk, dv = kernels.attn_backward(dout_p, q_p, kv[0], kv[1], out_p, lse_p, causal=causal, q_pos=q_pos,
@@ -306,7 +230,7 @@ def _backward(dout_p, q_p, kv_t, out_p, lse_p, grid: ProcessGrid, causal: bool):
         kv_g = torch.cat(blocks, dim=2)  # (2, B, N/C, H, D), block order
         k_pos = kv_g_spans(grid, n)
         h_g.wait()
-        b_b = _recv_like(b_n)
+        b_b = recv_like(b_n)
         h_s = sent = None
         for i in range(1, C):  # b_n: bundle of column (c + i) % C
             if i > 1:
@@ -335,14 +259,14 @@ def _backward(dout_p, q_p, kv_t, out_p, lse_p, grid: ProcessGrid, causal: bool):
                 dq_i = dq_i + h_s.wait()[0]  # partial of the same Q block from the columns to the right
             sent = dq_i
             op = "dq_row_scatter" if i < C - 1 else "dq_row_scatter_tail"
-            h_s = comm.send_recv([(sent, left)], [(_recv_like(sent), right)], op=op, async_op=True,
+            h_s = comm.send_recv([(sent, left)], [(recv_like(sent), right)], op=op, async_op=True,
                                  group=grid.row_group)
             b_n, b_b = b_b, b_n
         dkv_t = scatter.finish()  # B4 done: (2, B, n, H, D)
         dq_own = dq_own + h_s.wait()[0]
     else:
         dkv_t = scatter.finish()
-    dkv_p = _permute(dkv_t, grid, inverse=True, op="dkv_transpose")  # B5, (2, B, n, H, D)
+    dkv_p = permute_kv(dkv_t, grid, op="dkv_transpose", inverse=True)  # B5, (2, B, n, H, D)
     return dq_own, dkv_p[0], dkv_p[1]
 
 
@@ -370,7 +294,7 @@ def attention2d_overlap(q, k, v, grid: ProcessGrid, causal: bool = True):
     """Attention2D-O (Algorithm 4, Sec. 3.4): this rank's cyclic shard q, k, v (B, N/P, H, D) -> out, same shape.
 
     Same API, layout and checks as attention2d (Attention2D-NO); differentiable (backward: module docstring)."""
-    _check_inputs(q, k, v, grid)
+    check_grid_shards("attention2d_overlap", q, k, v, grid)
     return Attention2DOverlap.apply(q, k, v, grid, bool(causal))
 
 
@@ -382,17 +306,12 @@ def comm_ops(batch, seq_len, heads, head_dim, rows, cols, dtype, causal, rank=No
     The volume does not depend on `causal`. Zero-message ops are left out (the implementation skips them)."""
     P = rows * cols
     check_seq_len(seq_len, P)
-    dt = _as_dtype(dtype)
-    b, f = torch.empty(0, dtype=dt).element_size(), torch.empty(0, dtype=_acc_dtype(dt)).element_size()
+    b, f = wire_bytes(dtype)
     R, C, n = rows, cols, seq_len // P
     blk = batch * n * heads * head_dim  # elements of one (B, n, H, D) shard
     lse = batch * heads * n  # elements of one (B, H, n) lse
-    if rank is None:
-        movers = [k for k in range(P) if not _is_fixed_point(k // C, k % C, R, C)]
-        rank = movers[0] if movers else 0
-    if not 0 <= rank < P:
-        raise ValueError(f"rank {rank} is not in the {rows}x{cols} grid (0..{P - 1})")
-    moves = not _is_fixed_point(rank // C, rank % C, R, C)
+    rank = grid_rank(rows, cols, rank)
+    moves = kv_moves(rank // C, rank % C, R, C)
 
     ops: list[CommOp] = []
 

@@ -42,6 +42,7 @@ import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from attn2d.attention import AttentionImpl, kernels, merge, register
+from attn2d.attention.common import acc_dtype, check_qkv, recv_like, wire_bytes
 from attn2d.attention.layout import Spans, layout_spans
 from attn2d.distributed import comm
 from attn2d.distributed.comm import CommOp
@@ -85,10 +86,6 @@ def step_spans(layout: str, seq_len: int, rank: int, world: int, step: int) -> t
     return layout_spans(layout, seq_len, rank, world, 1), layout_spans(layout, seq_len, (rank - step) % world, world, 1)
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 # ---------------------------------------------------------------------------------------------- forward loop
 def ring_forward(q, k, v, ring: Ring, causal: bool, layout: str):
     """Forward ring: out (B, n, H, D) in q's dtype, lse (B, H, n) fp32 (fp64 for fp64 inputs)."""
@@ -99,9 +96,8 @@ def ring_forward(q, k, v, ring: Ring, causal: bool, layout: str):
     for s in range(P):
         handle = None
         if s < P - 1:  # post the exchange for step s+1 before computing step s
-            kv_next = torch.empty_like(kv)  # (2, B, n, H, D)
-            handle = comm.send_recv([(kv, ring.next)], [(kv_next, ring.prev)], op="kv_ring", async_op=True,
-                                    group=ring.group)
+            handle = comm.send_recv([(kv, ring.next)], [(recv_like(kv), ring.prev)], op="kv_ring", async_op=True,
+                                    group=ring.group)  # receives (2, B, n, H, D)
         q_pos, k_pos = step_spans(layout, seq_len, i, P, s)
         o, l = kernels.attn_forward(q, kv[0], kv[1], causal=causal, q_pos=q_pos, k_pos=k_pos)
         out, lse = (o, l) if out is None else merge.merge_partials([out, o], [lse, l])  # fp32 (B, n, H, D)
@@ -115,7 +111,7 @@ def ring_backward(dout, q, k, v, out, lse, ring: Ring, causal: bool, layout: str
     """Backward ring: (dq, dk, dv) of this rank's shard in fp32 (fp64 for fp64 inputs)."""
     P, i = ring.size, ring.rank
     seq_len = q.shape[1] * P
-    acc = _acc_dtype(q.dtype)
+    acc = acc_dtype(q.dtype)
     kv = torch.stack([k, v])  # (2, B, n, H, D)
     dkv_like = torch.empty(kv.shape, dtype=acc, device=q.device)  # template of one accumulator
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)  # (B, n, H, D)
@@ -126,9 +122,8 @@ def ring_backward(dout, q, k, v, out, lse, ring: Ring, causal: bool, layout: str
         if sends:
             like = ([dkv_like] if s > 0 else []) + ([kv] if s < P - 1 else [])
             msg = comm.pack(sends) if len(sends) > 1 else sends[0].contiguous()
-            buf = torch.empty(msg.shape, dtype=msg.dtype, device=msg.device)
-            handle = comm.send_recv([(msg, ring.next)], [(buf, ring.prev)], op="kv_dkv_ring", async_op=True,
-                                    group=ring.group)
+            handle = comm.send_recv([(msg, ring.next)], [(recv_like(msg), ring.prev)], op="kv_dkv_ring",
+                                    async_op=True, group=ring.group)
         q_pos, k_pos = step_spans(layout, seq_len, i, P, s)
         dq_b, dk_b, dv_b = kernels.attn_backward(dout, q, kv[0], kv[1], out, lse, causal=causal, q_pos=q_pos,
                                                  k_pos=k_pos)
@@ -143,8 +138,7 @@ def ring_backward(dout, q, k, v, out, lse, ring: Ring, causal: bool, layout: str
         if s < P - 1:
             kv = got[-1]  # K/V of block (i - s - 1)
     if P > 1:  # the accumulator of block i+1 is complete: return it to its owner, receive mine
-        mine = torch.empty_like(dkv)
-        dkv = comm.send_recv([(dkv, ring.next)], [(mine, ring.prev)], op="dkv_to_owner", group=ring.group)[0]
+        dkv = comm.send_recv([(dkv, ring.next)], [(recv_like(dkv), ring.prev)], op="dkv_to_owner", group=ring.group)[0]
     return dq, dkv[0], dkv[1]
 
 
@@ -171,16 +165,7 @@ class RingAttentionFunction(torch.autograd.Function):
 def _validate(q, k, v, ring: Ring, layout: str) -> None:
     if layout not in LAYOUTS:
         raise ValueError(f"ring_attention: unknown layout {layout!r}; use one of {', '.join(LAYOUTS)}")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise ValueError(f"ring_attention: {name} has shape {tuple(t.shape)}; expected 4 dims (B, N/P, H, D)")
-        if not t.is_floating_point():
-            raise ValueError(f"ring_attention: {name} has dtype {t.dtype}; expected a floating dtype")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"ring_attention: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}; cast them to one "
-                         "dtype")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"ring_attention: q, k, v devices differ: {q.device}, {k.device}, {v.device}")
+    check_qkv("ring_attention", q, k, v)
     if q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"ring_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must have one "
                          "shape (B, N/P, H, D): every rank holds N/P positions of each (grouped-query attention: "
@@ -223,20 +208,6 @@ def _registered(layout: str):
 
 
 # ---------------------------------------------------------------------------------------------- analytic volume
-_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-           "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-           "fp64": torch.float64, "float64": torch.float64, "double": torch.float64}
-
-
-def _as_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    key = str(dtype).removeprefix("torch.").lower()
-    if key not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(_DTYPES)}")
-    return _DTYPES[key]
-
-
 def comm_ops(batch: int, seq_len: int, heads: int, head_dim: int, rows: int, cols: int, dtype, causal: bool = True,
              rank: int | None = None, layout: str = "zigzag") -> list[CommOp]:
     """Per-rank communication of Ring Attention, op by op, forward then backward (see the module docstring).
@@ -254,9 +225,7 @@ def comm_ops(batch: int, seq_len: int, heads: int, head_dim: int, rows: int, col
         raise ValueError(f"rank {rank} is not in the ring of {P} ranks ({rows}x{cols}; 0..{P - 1})")
     if P == 1:
         return []
-    dt = _as_dtype(dtype)
-    e = torch.empty((), dtype=dt).element_size()
-    a = _acc_dtype(dt).itemsize
+    e, a = wire_bytes(dtype)
     kv = 2 * batch * (seq_len // P) * heads * head_dim * e  # one K/V message (bytes)
     dkv = 2 * batch * (seq_len // P) * heads * head_dim * a  # one dK/dV accumulator (bytes)
     return [
