@@ -1,0 +1,376 @@
+"""Experiment -> cells: the one place that turns `conf/experiment/<name>.yaml` into the runs of the workflow.
+
+A *cell* is one point of an experiment's Hydra sweep (`hydra.sweeper.params`), e.g. model=gpt3_2p7b,
+benchmark.seq_len=8192, grid=4x4, attention=ring: one training run, one Slurm job, one record
+`runs/<experiment>/<cell>/metrics.jsonl`. The cells are expanded exactly as Hydra's basic sweeper expands them
+(`BasicSweeper.split_arguments`), so `python -m attn2d.train -m experiment=X` and the Snakemake workflow run the
+same points, and a cell's name is Hydra's `override_dirname` of its sweep point (sorted `key=value`, comma-joined).
+
+Shared cells: an experiment that includes another (a100_time_per_step includes a100_speedup) has cells whose
+config is identical to cells of the other. Such a cell is run once, in the run dir of its `home` (the experiment
+with the largest sweep that runs it, see `plan`); every experiment's table reads that record. "Identical" means:
+same sweep point, same launcher, and the same composed config apart from `experiment_name`, the `experiment`
+metadata and the swept keys.
+
+Resources of a cell (nodes, tasks and GPUs per node, partition, account, time limit) are read from the composed
+`hydra.launcher` of the cell's grid (conf/hydra/launcher/*.yaml derive nodes from the grid), so the Snakemake
+dry run shows what the Slurm job will ask for.
+"""
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+import attn2d.slurm  # noqa: F401  (registers the resolvers the launcher configs use)
+
+SLURM = "slurm"  # launcher choice meaning "each experiment's own Slurm launcher"
+LOCAL_TO_SLURM = {"local_cpu": "slurm_cpu"}  # what a local experiment uses under launcher=slurm
+
+
+class PlanError(ValueError):
+    """An experiment, sweep or launcher choice that cannot be expanded into cells."""
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one cell's job asks of the scheduler (from the resolved `hydra.launcher`)."""
+
+    launcher: str  # hydra/launcher option, e.g. slurm_a100
+    local: bool  # submitit local executor (runs on this machine)
+    ranks: int  # rows * cols
+    nodes: int
+    tasks_per_node: int
+    gpus_per_node: int
+    partition: str  # "" where the launcher has none
+    account: str  # "" where the launcher leaves it to Slurm
+    timeout_min: int
+
+    @property
+    def gpus(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of one experiment: its sweep point, where its record lives, what its job needs."""
+
+    experiment: str  # the experiment (table) listing this cell
+    name: str  # Hydra override_dirname of the sweep point
+    point: tuple[str, ...]  # the sweep point as Hydra overrides, e.g. ("model=gpt3_760m", ...)
+    home: str  # the experiment whose run dir holds the record (== experiment unless shared)
+    info: Mapping[str, Any] = field(hash=False, compare=False)  # model, attention, rows, cols, seq_len, ...
+    resources: Resources = field(hash=False, compare=False)
+
+    @property
+    def run_dir(self) -> str:
+        return f"runs/{self.home}/{self.name}"
+
+    @property
+    def record(self) -> str:
+        return f"{self.run_dir}/metrics.jsonl"
+
+    @property
+    def shared(self) -> bool:
+        return self.home != self.experiment
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """What an experiment file says about itself: its `experiment:` metadata and its cost-model profile."""
+
+    name: str
+    reproduces: str
+    figures: tuple[str, ...]  # figure kinds drawn from its table (attn2d.report.figures.KINDS)
+    hardware: str  # cost-model profile (conf/hardware option) of the hardware it was designed for
+    launcher: str  # the hydra/launcher option its cells run with here
+
+
+@dataclass
+class Plan:
+    """The cells of several experiments; `jobs` holds one cell per distinct run dir (the Snakemake jobs)."""
+
+    launcher: str
+    task_overrides: tuple[str, ...]  # fixed overrides for every cell (not part of a cell's name)
+    launcher_overrides: tuple[str, ...]  # hydra.launcher.* overrides for every cell
+    experiments: dict[str, list[Cell]] = field(default_factory=dict)
+    meta: dict[str, Experiment] = field(default_factory=dict)
+
+    @property
+    def jobs(self) -> dict[str, Cell]:
+        out: dict[str, Cell] = {}
+        for cells in self.experiments.values():
+            for c in cells:
+                out.setdefault(c.run_dir, c)
+        return out
+
+    @staticmethod
+    def job_info(cell: Cell) -> dict[str, Any]:
+        """The header fields of the run a cell's job makes (experiment = its home, whichever experiment asked for
+        it; without the job shape, which belongs to where it runs): the same whatever the selection."""
+        return {**{k: v for k, v in cell.info.items() if k not in ("nodes", "gpus_per_node")},
+                "experiment": cell.home}
+
+    def command(self, cell: Cell, python: str = "python") -> str:
+        """The training command of `cell` without its launcher (what the cell IS; changing it re-runs the cell):
+        a one-point Hydra multirun whose run dir is the cell's."""
+        args = [python, "-m", "attn2d.train", "-m", f"experiment={cell.home}", *sorted(cell.point),
+                *self.task_overrides,
+                f"hydra.sweep.dir='{cell.run_dir}'", "hydra.sweep.subdir=."]  # quoted: the name has = and ,
+        return shlex.join(args)
+
+    def launcher_args(self, cell: Cell) -> list[str]:
+        """Where the cell runs: hydra/launcher=<option> and the hydra.launcher.* overrides (Hydra's submitit
+        launcher submits the job and blocks until it ends)."""
+        return [f"hydra/launcher={cell.resources.launcher}", *self.launcher_overrides]
+
+
+def cells_rows(cells: Iterable[Cell]) -> list[dict[str, Any]]:
+    """The cells as table rows: name, run dir, shared or not, header fields, job shape."""
+    rows = []
+    for c in cells:
+        r = c.resources
+        rows.append({"experiment": c.experiment, "cell": c.name, "run_dir": c.run_dir, "home": c.home,
+                     **{k: v for k, v in c.info.items() if k != "experiment"}, "gpus": r.ranks,
+                     "launcher": r.launcher, "partition": r.partition, "account": r.account,
+                     "tasks_per_node": r.tasks_per_node, "timeout_min": r.timeout_min})
+    return rows
+
+
+def split_overrides(text: str | Iterable[str] | None) -> list[str]:
+    """Hydra overrides from a shell-like string ("model=a,b benchmark.steps=3") or a list of them."""
+    if text is None:
+        return []
+    if isinstance(text, str):
+        return shlex.split(text)
+    return [str(t) for t in text]
+
+
+def _parser():
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create()
+
+
+def sweep_points(params: Mapping[str, str], sweep: Iterable[str] = ()) -> list[tuple[str, ...]]:
+    """The sweep points of `params` ({key: "v1,v2"}, an experiment's hydra.sweeper.params) after the overrides in
+    `sweep` ("key=v1,v2" replaces that key's values, a new key adds a dimension), expanded as Hydra's basic
+    sweeper does (cartesian product, keys in order)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    parser = _parser()
+    merged: dict[str, str] = {}
+    for k, v in params.items():
+        merged[str(k)] = str(v)
+    for ov in parser.parse_overrides(list(sweep)):
+        merged[ov.get_key_element()] = str(ov.input_line).split("=", 1)[1]
+    lines = [f"{k}={v}" for k, v in merged.items()]
+    (batch,) = BasicSweeper.split_arguments(parser.parse_overrides(lines), max_batch_size=None)
+    return [tuple(p) for p in batch]
+
+
+def sweeper_params(cfg: DictConfig) -> dict[str, str]:
+    """An experiment's `hydra.sweeper.params` as {key: "v1,v2"} ({} when it sweeps nothing)."""
+    params = OmegaConf.select(cfg, "hydra.sweeper.params", default=None)
+    return {str(k): str(v) for k, v in (OmegaConf.to_container(params) if params else {}).items()}
+
+
+def cell_name(point: Iterable[str]) -> str:
+    """Hydra's override_dirname of a sweep point: sorted key=value, joined by commas."""
+    name = ",".join(sorted(point))
+    return name or "default"
+
+
+def _point_dict(point: Iterable[str]) -> dict[str, str]:
+    return dict(p.split("=", 1) for p in point)
+
+
+def compose(conf_dir: str | Path, experiment: str, overrides: Iterable[str] = ()) -> DictConfig:
+    """The config `python -m attn2d.train experiment=<experiment> <overrides>` would run, hydra node included."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    conf_dir = Path(conf_dir).resolve()
+    if not (conf_dir / "experiment" / f"{experiment}.yaml").is_file():
+        known = sorted(p.stem for p in (conf_dir / "experiment").glob("*.yaml"))
+        raise PlanError(f"experiment {experiment!r} has no file {conf_dir}/experiment/{experiment}.yaml; "
+                        f"known experiments: {', '.join(known)}")
+    with initialize_config_dir(config_dir=str(conf_dir), version_base=None):
+        return hydra_compose("config", overrides=[f"experiment={experiment}", *overrides], return_hydra_config=True)
+
+
+def experiment_names(conf_dir: str | Path) -> list[str]:
+    return sorted(p.stem for p in (Path(conf_dir) / "experiment").glob("*.yaml"))
+
+
+def _is_local(cfg: DictConfig) -> bool:
+    return str(OmegaConf.select(cfg, "hydra.launcher._target_", default="")).endswith("LocalLauncher")
+
+
+def default_experiments(conf_dir: str | Path, paper: bool) -> list[str]:
+    """The experiments that reproduce a figure (`experiment.figures` not empty): with paper=True those whose own
+    launcher is a Slurm one (the paper's hardware), else those whose own launcher is local (CPU scale)."""
+    out = []
+    for name in experiment_names(conf_dir):
+        cfg = compose(conf_dir, name)
+        figures = OmegaConf.select(cfg, "experiment.figures", default=None)
+        if figures and _is_local(cfg) != paper:
+            out.append(name)
+    return out
+
+
+def resolve_launcher(choice: str, own: str) -> str:
+    """The hydra/launcher option a cell runs with: `choice` ("slurm" = the experiment's own Slurm launcher, a
+    local one mapped to its Slurm twin) or any launcher option name, used for every cell."""
+    if choice == SLURM:
+        return LOCAL_TO_SLURM.get(own, own)
+    return choice
+
+
+def resources(cfg: DictConfig, launcher: str) -> Resources:
+    """A cell's job shape from the resolved `hydra.launcher` of a config composed for that cell's grid."""
+    params = attn2d.slurm.launcher_params(cfg)
+    ranks = int(cfg.grid.rows) * int(cfg.grid.cols)
+    nodes, tpn = int(params.get("nodes") or 1), int(params.get("tasks_per_node") or 1)
+    if nodes * tpn != ranks:
+        raise PlanError(f"launcher {launcher} asks for nodes={nodes} x tasks_per_node={tpn} = {nodes * tpn} tasks, "
+                        f"but grid {cfg.grid.rows}x{cfg.grid.cols} has {ranks} ranks; they must be equal")
+    return Resources(
+        launcher=launcher,
+        local=_is_local(cfg),
+        ranks=ranks,
+        nodes=nodes,
+        tasks_per_node=tpn,
+        gpus_per_node=int(params.get("gpus_per_node") or 0),
+        partition=str(params.get("partition") or ""),
+        account=str(params.get("account") or ""),
+        timeout_min=int(params.get("timeout_min") or 0),
+    )
+
+
+def _fingerprint(cfg: DictConfig, swept: Iterable[str], launcher: str) -> str:
+    """What makes two experiments' cells the same run: the composed config without hydra, experiment_name, the
+    `experiment` metadata and the swept keys (a swept group removes its whole node), plus the launcher."""
+    c = OmegaConf.to_container(cfg, resolve=False)
+    assert isinstance(c, dict)
+    c.pop("hydra", None)
+    c.pop("experiment_name", None)
+    c.pop("experiment", None)  # metadata: what the experiment reproduces and draws
+    for key in swept:
+        node, *path = key.lstrip("+~").split(".")
+        if not path:
+            c.pop(node, None)
+            continue
+        d = c.get(node)
+        for p in path[:-1]:
+            d = d.get(p) if isinstance(d, dict) else None
+        if isinstance(d, dict):
+            d.pop(path[-1], None)
+    return json.dumps([launcher, c], sort_keys=True, default=str)
+
+
+def _info(cfg: DictConfig, experiment: str, point: dict[str, str], res: Resources) -> dict[str, Any]:
+    """The cell's header fields (as the record contract names them), read from the config composed for its grid
+    and the sweep point (group choices by option name)."""
+    choices = cfg.hydra.runtime.choices
+    b = cfg.benchmark
+    return {
+        "experiment": experiment,
+        "model": point.get("model", choices.get("model")),
+        "attention": point.get("attention", choices.get("attention")),
+        "grid": point.get("grid", choices.get("grid")),
+        "rows": int(cfg.grid.rows),
+        "cols": int(cfg.grid.cols),
+        "world_size": res.ranks,
+        "nodes": res.nodes,
+        "gpus_per_node": res.gpus_per_node,
+        "seq_len": int(point.get("benchmark.seq_len", b.seq_len)),
+        "batch_size": int(point.get("benchmark.batch_size", b.batch_size)),
+        "dtype": str(point.get("benchmark.dtype", b.dtype)),
+        "device": str(point.get("benchmark.device", b.device)),
+    }
+
+
+@dataclass
+class _Sweep:
+    """An experiment's base config, launcher and sweep points, as the plan needs them."""
+
+    base: DictConfig
+    launcher: str
+    points: list[tuple[str, ...]]  # with the user's sweep overrides (selected experiments)
+    size: int  # cells of its own sweep, without overrides (orders the homes)
+    fingerprint: str
+
+
+def _sweep(conf_dir: str | Path, exp: str, launcher: str, task_ovr: Sequence[str], user_sweep: Sequence[str]) -> _Sweep:
+    base = compose(conf_dir, exp, task_ovr)
+    eff = resolve_launcher(launcher, str(base.hydra.runtime.choices.get("hydra/launcher")))
+    points = sweep_points(sweeper_params(base), user_sweep)
+    swept = list(_point_dict(points[0]).keys()) if points else []
+    size = len(sweep_points(sweeper_params(base))) if user_sweep else len(points)
+    return _Sweep(base, eff, points, size, _fingerprint(base, swept, eff))
+
+
+def plan(
+    experiments: Iterable[str],
+    *,
+    conf_dir: str | Path = "conf",
+    launcher: str = "local_cpu",
+    sweep: str | Iterable[str] | Mapping[str, Any] | None = None,
+    overrides: str | Iterable[str] | None = None,
+) -> Plan:
+    """Expand `experiments` into cells (tables keep this order).
+
+    sweep: Hydra sweep overrides that restrict or extend every selected experiment's sweep ("model=gpt3_2p7b
+        benchmark.seq_len=8192,16384"), or {experiment: overrides} for one experiment at a time.
+    overrides: fixed overrides for every cell ("benchmark.steps=3"); hydra.launcher.* ones set the Slurm job
+        (partition, account, timeout_min, ...) and are not part of what makes a cell.
+
+    A cell's home (the run dir holding its record) is, among ALL files of conf/experiment/ that run the same
+    config at the same point (selected experiments with the sweep above, the others with their own), the one with
+    the largest sweep (then by name): a100_speedup for a100_time_per_step's cells. The same run lands in the same
+    place whatever the selection."""
+    selected = list(dict.fromkeys(experiments))
+    fixed = split_overrides(overrides)
+    for o in fixed:
+        if o.split("=", 1)[0].lstrip("+~") in ("hydra/launcher", "experiment"):
+            raise PlanError(f"override {o!r}: choose the launcher with the workflow's `launcher` key and the "
+                            f"experiments with `experiments`, not with an override")
+    launcher_ovr = tuple(o for o in fixed if o.lstrip("+~").startswith("hydra."))
+    task_ovr = tuple(o for o in fixed if not o.lstrip("+~").startswith("hydra."))
+    result = Plan(launcher=launcher, task_overrides=task_ovr, launcher_overrides=launcher_ovr)
+    if not selected:
+        return result
+
+    sweeps: dict[str, _Sweep] = {}
+    for exp in sorted(set(experiment_names(conf_dir)) | set(selected)):
+        user = split_overrides(sweep.get(exp) if isinstance(sweep, Mapping) else sweep) if exp in selected else []
+        sweeps[exp] = _sweep(conf_dir, exp, launcher, task_ovr, user)
+    homes: dict[tuple[str, tuple[str, ...]], str] = {}  # (fingerprint, point) -> home experiment
+    for exp, sw in sorted(sweeps.items(), key=lambda kv: (-kv[1].size, kv[0])):
+        for point in sw.points:
+            homes.setdefault((sw.fingerprint, tuple(sorted(point))), exp)
+
+    for exp in selected:
+        sw = sweeps[exp]
+        by_grid: dict[str, tuple[DictConfig, Resources]] = {}
+        cells = []
+        for point in sw.points:
+            pd = _point_dict(point)
+            g = pd.get("grid", "")
+            if g not in by_grid:  # one compose per grid: the launcher derives the job shape from it
+                grid_ovr = [f"grid={g}"] if g else []
+                cfg = compose(conf_dir, exp, [*task_ovr, *grid_ovr, f"hydra/launcher={sw.launcher}", *launcher_ovr])
+                by_grid[g] = (cfg, resources(cfg, sw.launcher))
+            cfg, res = by_grid[g]
+            home = homes[(sw.fingerprint, tuple(sorted(point)))]
+            cells.append(Cell(exp, cell_name(point), point, home, _info(cfg, exp, pd, res), res))
+        result.experiments[exp] = cells
+        m = sw.base.get("experiment") or {}
+        result.meta[exp] = Experiment(exp, str(m.get("reproduces", "")), tuple(m.get("figures", ())),
+                                      str(sw.base.hydra.runtime.choices.get("hardware") or ""), sw.launcher)
+    return result

@@ -1,0 +1,34 @@
+# Records -> tables: results/tables/<experiment>.csv (every column) and .md (readable), one row per cell, failed
+# cells included with their reason; a malformed record stops the rule with an error naming the file.
+# results/tables/cells/<experiment>.csv: the planned cells, their run dirs and job shapes (written from the plan).
+
+
+rule table:
+    input:
+        get_records,
+    output:
+        csv=report("results/tables/{experiment}.csv", caption="../report/table.rst", category="Tables"),
+        md="results/tables/{experiment}.md",
+    log:
+        "results/logs/tables/{experiment}.log",
+    wildcard_constraints:
+        experiment=EXPERIMENT_WC,
+    params:
+        title=lambda wc: f"{wc.experiment}: {get_meta(wc.experiment).reproduces}",
+    shell:
+        "{PYTHON} -m attn2d.report.collect --experiment {wildcards.experiment} --title {params.title:q}"
+        " --csv {output.csv} --md {output.md} {input} > {log} 2>&1"
+
+
+rule cells_table:
+    output:
+        "results/tables/cells/{experiment}.csv",
+    wildcard_constraints:
+        experiment=EXPERIMENT_WC,
+    params:
+        rows=lambda wc: cells_mod.cells_rows(PLAN.experiments.get(wc.experiment)
+                                             or MODEL_ONLY.experiments[wc.experiment]),
+    run:
+        import pandas as pd
+
+        pd.DataFrame(params.rows).to_csv(output[0], index=False)

@@ -1,0 +1,110 @@
+# Helpers of the workflow: the plan of cells (attn2d.report.cells expands conf/experiment/*.yaml, the single source
+# of truth) and the get_* functions the rules call. Nothing here runs anything.
+import json
+import re
+import shlex
+import sys
+from pathlib import Path
+
+from attn2d.report import cells as cells_mod
+
+def flag(key: str) -> bool:
+    """A boolean config key (`--config key=false` gives the string "false")."""
+    return str(config[key]).lower() == "true"
+
+
+PYTHON = sys.executable  # the interpreter running Snakemake runs the cells, tables and figures too
+CONF_DIR = config["conf_dir"]
+
+
+def selected_experiments() -> list[str]:
+    """config["experiments"] (list or comma-separated), or the default set for the launcher (see config.yaml)."""
+    chosen = config.get("experiments")
+    if isinstance(chosen, str):
+        chosen = [e.strip() for e in chosen.split(",") if e.strip()]
+    if chosen:
+        return list(chosen)
+    return cells_mod.default_experiments(CONF_DIR, paper=config["launcher"] == cells_mod.SLURM)
+
+
+# experiment wildcards match experiment names only (results/tables/<other>.csv belong to other rules)
+EXPERIMENT_WC = "|".join(re.escape(e) for e in cells_mod.experiment_names(CONF_DIR))
+
+PLAN = cells_mod.plan(
+    selected_experiments(),
+    conf_dir=CONF_DIR,
+    launcher=config["launcher"],
+    sweep=config.get("sweep") or None,
+    overrides=" ".join(filter(None, [config.get("overrides", ""), config.get("launcher_overrides", "")])),
+)
+JOBS = PLAN.jobs  # run dir -> Cell: one Snakemake job each
+
+# Paper experiments not run here are still drawn from the cost model's projection ("modelled" figures).
+HAVE_MODEL = Path(workflow.basedir, "workflow", "rules", "model.smk").exists() and flag("modelled")
+MODEL_ONLY = (
+    cells_mod.plan(
+        [e for e in cells_mod.default_experiments(CONF_DIR, paper=True) if e not in PLAN.experiments],
+        conf_dir=CONF_DIR,
+        launcher=cells_mod.SLURM,
+    )
+    if HAVE_MODEL
+    else None
+)
+
+
+def get_cell(wildcards) -> "cells_mod.Cell":
+    key = f"runs/{wildcards.home}/{wildcards.cell}"
+    if key not in JOBS:
+        raise ValueError(f"{key} is not a cell of the selected experiments ({', '.join(PLAN.experiments)})")
+    return JOBS[key]
+
+
+def get_failed_attempts(wildcards) -> int:
+    """The cell rule's rerun trigger for failed cells (see run.smk): copies of failed records in <run dir>/failed/,
+    less one when retry_failed is false and the current record failed (that is the count it ran with)."""
+    run_dir = Path(get_cell(wildcards).run_dir)
+    n = len(list((run_dir / "failed").glob("attempt-*.jsonl")))
+    if not flag("retry_failed") and record_status(run_dir / "metrics.jsonl") == "failed":
+        n -= 1
+    return n
+
+
+def record_status(path: Path) -> str | None:
+    """The status on a record's end line ("ok" / "failed"), None when there is no complete record."""
+    try:
+        last = path.read_text().rstrip("\n").rsplit("\n", 1)[-1]
+        return json.loads(last).get("status")
+    except (OSError, ValueError):
+        return None
+
+
+def get_records(wildcards) -> list[str]:
+    return [c.record for c in PLAN.experiments[wildcards.experiment]]
+
+
+def get_meta(name: str) -> "cells_mod.Experiment":
+    if name in PLAN.meta:
+        return PLAN.meta[name]
+    return MODEL_ONLY.meta[name]
+
+
+def measured_figures() -> list[str]:
+    return [f"results/figures/{e}/{kind}.{ext}" for e, m in PLAN.meta.items() for kind in m.figures
+            for ext in ("png", "pdf")]
+
+
+def modelled_figures() -> list[str]:
+    if MODEL_ONLY is None:
+        return []
+    return [f"results/figures/{e}/{kind}_modelled.{ext}" for e, m in MODEL_ONLY.meta.items() for kind in m.figures
+            if kind in MODELLED_KINDS for ext in ("png", "pdf")]
+
+
+MODELLED_KINDS = ("speedup", "time_per_step", "comm_bytes")  # what the projection table can draw
+
+
+def final_outputs() -> list[str]:
+    tables = [f"results/tables/{e}.{ext}" for e in PLAN.experiments for ext in ("csv", "md")]
+    plans = [f"results/tables/cells/{e}.csv" for e in PLAN.experiments]
+    model = model_outputs() if HAVE_MODEL else []  # defined by workflow/rules/model.smk
+    return tables + plans + measured_figures() + modelled_figures() + model

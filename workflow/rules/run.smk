@@ -1,0 +1,45 @@
+# One job per cell: `python -m attn2d.train -m experiment=<exp> <sweep point> hydra/launcher=<launcher> ...`, a
+# one-point Hydra multirun whose submitit launcher submits the cell (a Slurm job, or local processes) and waits for
+# it. Snakemake itself always runs locally; where the ranks run is the Hydra launcher's business.
+#
+# Re-runs: a cell is run when its record runs/<home>/<cell>/metrics.jsonl is missing, when what it runs changed
+# (params: the command and the cell), or when it FAILED: run_cell.py copies every failed record to
+# <run dir>/failed/attempt-<k>.jsonl, and `failed_attempts` (the number of copies) is a param, so after a failure
+# it differs from the value the job ran with and Snakemake's "params changed" trigger runs the cell again. With
+# retry_failed=false it is computed as the value the failed run had, so failed cells stay as they are. A failed
+# cell thus always has a record (status failed, its reason) and appears in the tables as failed.
+# Where the job runs (launcher, partition, account, nodes, time limit) are resources, not params: changing them
+# does not re-run cells that have a record, and the dry run (-n) prints them for every cell.
+# Pre-emption: the launchers are checkpointable, so submitit requeues a pre-empted Slurm job and this job keeps
+# waiting; an interrupted Snakemake leaves the cell incomplete and `rerun-incomplete` runs it again.
+
+
+rule cell:
+    output:
+        "runs/{home}/{cell}/metrics.jsonl",
+    log:
+        "results/logs/cells/{home}/{cell}.log",
+    wildcard_constraints:
+        home="[A-Za-z0-9_]+",
+        cell="[^/]+",
+    params:
+        command=lambda wc: PLAN.command(get_cell(wc), PYTHON),
+        info=lambda wc: json.dumps(PLAN.job_info(get_cell(wc))),
+        run_dir=lambda wc: get_cell(wc).run_dir,
+        failed_attempts=get_failed_attempts,
+    threads: lambda wc: get_cell(wc).resources.ranks if get_cell(wc).resources.local else 1
+    resources:
+        launcher=lambda wc: get_cell(wc).resources.launcher,
+        nodes=lambda wc: get_cell(wc).resources.nodes,
+        tasks_per_node=lambda wc: get_cell(wc).resources.tasks_per_node,
+        gpus_per_node=lambda wc: get_cell(wc).resources.gpus_per_node,
+        gpus=lambda wc: get_cell(wc).resources.gpus,
+        partition=lambda wc: get_cell(wc).resources.partition or "none",
+        account=lambda wc: get_cell(wc).resources.account or "default",
+        runtime=lambda wc: get_cell(wc).resources.timeout_min,
+        launcher_args=lambda wc: shlex.join(PLAN.launcher_overrides),
+    shell:
+        "{PYTHON} workflow/scripts/run_cell.py --run-dir {params.run_dir} --info {params.info:q}"
+        " --nodes {resources.nodes} --gpus-per-node {resources.gpus_per_node}"
+        " --launcher {resources.launcher} --launcher-args={resources.launcher_args:q}"
+        " --timeout-min {config[cell_timeout_min]} -- {params.command} > {log} 2>&1"
