@@ -1,0 +1,146 @@
+"""Grid advisor: the best rows x cols grid (square or not) and algorithm for a job, from the cost model.
+
+    python -m attn2d.advise gpus=64 gpus_per_node=4 model=gpt3_13b seq_len=65536 hardware=a100_4gpn
+
+Arguments (key=value): gpus (required), model (conf/model option, required), seq_len (required), hardware
+(conf/hardware option, default a100_4gpn), gpus_per_node (default: the profile's), batch_size (1), dtype (bf16),
+causal (true), fsdp (false), activation_checkpointing (false), algorithms (comma list, default ring,attn2d,
+attn2d_overlap), top (rows to print, default all).
+
+Every grid rows x cols = gpus is tried for attn2d and attn2d_overlap (ranks packed onto nodes in order, rank =
+r*cols + c), ring runs on the 1-D group of all gpus. Candidates whose sequence does not split evenly are listed
+as not possible with the reason. The output is a table of predicted step times (modelled, not measured), fastest
+first, with the speedup over ring, and a line naming the best choice.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+from attn2d.costmodel import Workload, load_hardware, load_model, step_time
+
+DEFAULT_ALGORITHMS = ("ring", "attn2d", "attn2d_overlap")
+
+
+@dataclass
+class Option:
+    algorithm: str
+    rows: int
+    cols: int
+    step_time_s: float | None
+    detail: dict | None = None
+    reason: str = ""
+
+    @property
+    def grid(self) -> str:
+        return f"{self.rows}x{self.cols}"
+
+
+def _bool(v: str) -> bool:
+    if v.lower() in ("1", "true", "yes", "on"):
+        return True
+    if v.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {v!r} (use true or false)")
+
+
+def parse_args(argv: list[str]) -> dict:
+    known = {"gpus", "gpus_per_node", "model", "seq_len", "hardware", "batch_size", "dtype", "causal", "fsdp",
+             "activation_checkpointing", "algorithms", "top"}
+    args: dict = {"hardware": "a100_4gpn", "batch_size": "1", "dtype": "bf16", "causal": "true", "fsdp": "false",
+                  "activation_checkpointing": "false", "algorithms": ",".join(DEFAULT_ALGORITHMS)}
+    for a in argv:
+        if "=" not in a:
+            raise SystemExit(f"argument {a!r} is not key=value; keys: {', '.join(sorted(known))}")
+        k, v = a.split("=", 1)
+        k = k.lstrip("-").replace("-", "_")
+        if k not in known:
+            raise SystemExit(f"unknown argument {k!r}; keys: {', '.join(sorted(known))}")
+        args[k] = v
+    missing = [k for k in ("gpus", "model", "seq_len") if k not in args]
+    if missing:
+        raise SystemExit(f"missing {', '.join(missing)}; e.g. python -m attn2d.advise gpus=64 gpus_per_node=4 "
+                         f"model=gpt3_13b seq_len=65536 hardware=a100_4gpn")
+    return args
+
+
+def grids(gpus: int) -> list[tuple[int, int]]:
+    """Every rows x cols with rows * cols = gpus."""
+    return [(r, gpus // r) for r in range(1, gpus + 1) if gpus % r == 0]
+
+
+def _seq_ok(algorithm: str, seq_len: int, P: int) -> str:
+    """'' if the sequence splits evenly for the algorithm's layout, else the reason."""
+    need = 2 * P if algorithm == "ring" else P
+    if seq_len % need:
+        return f"seq_len {seq_len} is not a multiple of {need}"
+    return ""
+
+
+def advise(gpus: int, model, workload: Workload, hw, algorithms=DEFAULT_ALGORITHMS) -> list[Option]:
+    """All candidate (algorithm, grid) options with their predicted step times, fastest first (impossible last)."""
+    out: list[Option] = []
+    for alg in algorithms:
+        shapes = [(gpus, 1)] if alg.startswith("ring") else ([(1, 1)] if alg == "local" else grids(gpus))
+        if alg == "local" and gpus != 1:
+            out.append(Option(alg, 1, 1, None, reason=f"local runs on one GPU, not {gpus}"))
+            continue
+        for r, c in shapes:
+            why = _seq_ok(alg, workload.seq_len, r * c)
+            if why:
+                out.append(Option(alg, r, c, None, reason=why))
+                continue
+            st = step_time(alg, model, workload, r, c, hw)
+            out.append(Option(alg, r, c, st.step_time_s, st.as_dict()))
+    return sorted(out, key=lambda o: (o.step_time_s is None, o.step_time_s or 0.0))
+
+
+def format_table(options: list[Option], top: int | None = None) -> str:
+    ring = next((o.step_time_s for o in options if o.algorithm == "ring" and o.step_time_s), None)
+    lines = [f"{'algorithm':<16} {'grid':>7} {'step_time_s':>12} {'vs ring':>8} {'attn fwd+bwd':>13} "
+             f"{'attn comm':>10} {'grad sync':>10}"]
+    shown = [o for o in options if o.step_time_s is not None]
+    if top:
+        shown = shown[:top]
+    for o in shown:
+        d = o.detail or {}
+        sp = f"{ring / o.step_time_s:7.2f}x" if ring else "      -"
+        lines.append(f"{o.algorithm:<16} {o.grid:>7} {o.step_time_s:12.4f} {sp:>8} "
+                     f"{d.get('attn_fwd_s', 0) + d.get('attn_bwd_s', 0):13.4f} "
+                     f"{d.get('attn_fwd_comm_s', 0) + d.get('attn_bwd_comm_s', 0):10.4f} "
+                     f"{d.get('grad_sync_exposed_s', 0):10.4f}")
+    for o in options:
+        if o.step_time_s is None:
+            lines.append(f"{o.algorithm:<16} {o.grid:>7} {'not possible':>12}  ({o.reason})")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    gpus = int(args["gpus"])
+    gpn = int(args["gpus_per_node"]) if "gpus_per_node" in args else None
+    hw = load_hardware(args["hardware"], gpus_per_node=gpn)
+    model = load_model(args["model"])
+    wl = Workload(seq_len=int(args["seq_len"]), batch_size=int(args["batch_size"]), dtype=args["dtype"],
+                  causal=_bool(args["causal"]), fsdp=_bool(args["fsdp"]),
+                  activation_checkpointing=_bool(args["activation_checkpointing"]))
+    algs = tuple(a.strip() for a in args["algorithms"].split(",") if a.strip())
+    options = advise(gpus, model, wl, hw, algs)
+    nodes = -(-gpus // hw.gpus_per_node)
+    print(f"# modelled (attn2d.costmodel, profile {hw.name}): {model.name or args['model']}, {gpus} GPUs on {nodes} "
+          f"node(s) x {hw.gpus_per_node}, seq_len {wl.seq_len}, batch {wl.batch_size}, {wl.dtype}, "
+          f"causal={wl.causal}, fsdp={wl.fsdp}, activation_checkpointing={wl.activation_checkpointing}")
+    print(format_table(options, int(args["top"]) if "top" in args else None))
+    best = next((o for o in options if o.step_time_s is not None), None)
+    if best is None:
+        print("no candidate fits: change seq_len or gpus")
+        return 1
+    ring = next((o for o in options if o.algorithm == "ring" and o.step_time_s), None)
+    vs = f", {ring.step_time_s / best.step_time_s:.2f}x faster than ring ({ring.step_time_s:.4f} s)" if ring else ""
+    print(f"best: {best.algorithm} on a {best.grid} grid (rows x cols), predicted {best.step_time_s:.4f} s per "
+          f"step{vs}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+# The cost model (attn2d.costmodel): projection of the paper's cells, validation against the local sweep, the
+# grid advisor's example, and (on demand only) calibration of this machine's profile.
+#   results/tables/projection_paper.csv                    modelled step times of every A100 / H100 paper cell
+#   results/tables/costmodel/sensitivity_paper.csv         modelled speedup at 64 GPUs vs the unknown network/kernel
+#   results/tables/costmodel/validation_local.csv|md       predicted vs measured, local CPU sweep (error stated)
+#   results/figures/costmodel/validation_local.png|pdf     the same as a figure
+#   results/tables/costmodel/advise_example.txt            python -m attn2d.advise for 64 A100s, GPT-3 13B, 64K
+#   results/calibration/local_cpu.yaml                     `snakemake calibrate` only (never part of `all`);
+#                                                          copy it over conf/hardware/local_cpu.yaml to adopt it
+# model_outputs() lists the outputs that belong in `rule all`.
+
+LOCAL_VALIDATION = ["local_speedup", "local_time_per_step"]  # the local sweeps whose records validate the model
+PAPER_EXPERIMENTS = ["a100_speedup", "a100_time_per_step", "h100_speedup"]
+
+ruleorder: projection > table  # results/tables/projection_paper.csv is not an experiment's table
+
+
+def get_validation_records(wildcards) -> list[str]:
+    """Records of the local sweeps in the plan (validation needs them; failed ones are listed, not used)."""
+    return [c.record for e in LOCAL_VALIDATION if e in PLAN.experiments for c in PLAN.experiments[e]]
+
+
+def model_outputs() -> list[str]:
+    """What the cost model adds to `rule all`: the projection, the advisor's example, and the validation when
+    the local sweeps are among the selected experiments."""
+    out = [config["projection"], "results/tables/costmodel/sensitivity_paper.csv",
+           "results/tables/costmodel/advise_example.txt"]
+    if any(e in PLAN.experiments for e in LOCAL_VALIDATION):
+        out += [f"results/tables/costmodel/validation_local.{x}" for x in ("csv", "md")]
+        out += [f"results/figures/costmodel/validation_local.{x}" for x in ("png", "pdf")]
+    return out
+
+
+rule projection:
+    input:
+        profiles=["conf/hardware/a100_4gpn.yaml", "conf/hardware/h100_1gpn.yaml"],
+        experiments=expand("conf/experiment/{e}.yaml", e=PAPER_EXPERIMENTS),
+        model="src/attn2d/costmodel.py",
+        script="workflow/scripts/costmodel_projection.py",
+    output:
+        projection=report(config["projection"], caption="../report/table.rst", category="Tables",
+                          subcategory="modelled"),
+        sensitivity="results/tables/costmodel/sensitivity_paper.csv",
+    log:
+        "results/logs/costmodel/projection.log",
+    params:
+        experiments=" ".join(PAPER_EXPERIMENTS),
+    shell:
+        "{PYTHON} {input.script} --out {output.projection} --sensitivity {output.sensitivity} --figures ''"
+        " --experiments {params.experiments} > {log} 2>&1"
+
+
+rule costmodel_validation:
+    input:
+        records=get_validation_records,
+        profile="conf/hardware/local_cpu.yaml",
+        model="src/attn2d/costmodel.py",
+        script="workflow/scripts/costmodel_validation.py",
+    output:
+        csv=report("results/tables/costmodel/validation_local.csv", caption="../report/table.rst",
+                   category="Tables", subcategory="modelled"),
+        md="results/tables/costmodel/validation_local.md",
+        png=report("results/figures/costmodel/validation_local.png", caption="../report/figure.rst",
+                   category="Figures", subcategory="cost model"),
+        pdf="results/figures/costmodel/validation_local.pdf",
+    log:
+        "results/logs/costmodel/validation_local.log",
+    params:
+        experiments=" ".join(LOCAL_VALIDATION),
+    shell:
+        "{PYTHON} {input.script} --runs runs --experiments {params.experiments} --hardware local_cpu"
+        " --table {output.csv} --figure results/figures/costmodel/validation_local > {log} 2>&1"
+
+
+rule advise_example:
+    input:
+        "conf/hardware/a100_4gpn.yaml",
+        "conf/model/gpt3_13b.yaml",
+    output:
+        "results/tables/costmodel/advise_example.txt",
+    log:
+        "results/logs/costmodel/advise_example.log",
+    shell:
+        "{PYTHON} -m attn2d.advise gpus=64 gpus_per_node=4 model=gpt3_13b seq_len=65536 hardware=a100_4gpn"
+        " fsdp=true activation_checkpointing=true > {output} 2> {log}"
+
+
+rule calibrate:
+    # On demand only (`snakemake calibrate`): measures this machine (gloo, 4 ranks) into a new profile.
+    output:
+        "results/calibration/local_cpu.yaml",
+    log:
+        "results/logs/costmodel/calibrate.log",
+    shell:
+        "{PYTHON} -m attn2d.calibrate --world 4 --out {output} > {log} 2>&1"
+
+
+localrules:
+    projection,
+    costmodel_validation,
+    advise_example,
+    calibrate,
