@@ -24,7 +24,7 @@ SMK = [sys.executable, "-m", "snakemake"]
 
 
 def workdir(tmp: Path) -> Path:
-    for name in ("Snakefile", "workflow", "conf"):
+    for name in ("Snakefile", "workflow", "conf", "src"):  # src: the cost-model rules depend on its code
         (tmp / name).symlink_to(ROOT / name)
     return tmp
 
