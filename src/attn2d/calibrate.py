@@ -1,19 +1,25 @@
 """Measure a machine's kernel rates and link parameters and write a cost-model hardware profile.
 
-    python -m attn2d.calibrate --world 4 --out conf/hardware/local_cpu.yaml      # this machine: gloo on CPU
+    python -m attn2d.calibrate --world 4 9 --out conf/hardware/local_cpu.yaml    # this machine: gloo on CPU
     torchrun --nproc-per-node 4 --nnodes 2 -m attn2d.calibrate --out conf/hardware/mine.yaml   # a GPU allocation
 
-What is measured (every number goes into the profile with a comment naming the machine and the date):
+What is measured (every number goes into the profile with a comment naming the machine and the date; timings are
+minima over repeats, since a shared machine's other tenants only ever add time):
 - compute, one rank alone (`threads` torch threads, the inputs' dtype): GEMM rate of linear layers forward +
   backward (the rest of the model); the block attention kernel of attn2d.attention.kernels (what ring and
-  attn2d call) forward and backward, causal and not, at several block sizes: a least-squares fit of
-  t = overhead + work x flops_per_pair / rate, with work = dense - skip (dense - visible) pairs, gives rate,
-  call overhead and the causal skip; the same for torch SDPA (the `local` algorithm); AdamW's step (memory bound).
-- compute with all `world` ranks busy at once: how many ranks the machine serves at full speed (shared_cores).
-- communication, all `world` ranks at once (the way the algorithms use it): a ring of point-to-point messages,
-  and all-gather, reduce-scatter and all-to-all over the world group and over concurrent pairs; each kind fitted
-  as t = steps x alpha + bytes_sent / bandwidth over several message sizes (alpha-beta).
-- overlap: a GEMM loop with and without an asynchronous ring transfer beside it -> overlap efficiency.
+  attn2d call) forward and backward on unmasked, causal, offset-causal and explicit-mask blocks, split into
+  backend pieces as the algorithms' calls are: a non-negative fit of t = calls x overhead + (dense - skip x masked)
+  x flops / rate + mask x flops / mask_rate; the same for torch SDPA (the `local` algorithm); AdamW's step
+  (memory bound); a small GPT's per-layer and per-step time not explained by its FLOPs.
+- with all `world` ranks busy at once, for each world size given: how many ranks the cores serve at full speed
+  (shared_cores); the small GPT's overheads again (cores time-shared); a ring of point-to-point messages and
+  all-gather, reduce-scatter, all-to-all and all-reduce over the world group and over concurrent pairs, each kind
+  fitted as t = call + steps x alpha + bytes_sent / bandwidth (relative error, non-negative); the extra wall time
+  a synchronisation costs when ranks arrive from CPU work (sync penalty); GEMMs beside an asynchronous ring
+  transfer (overlap efficiency).
+- the algorithms themselves (ring, attn2d, attn2d_overlap) on 4 ranks at a tiny sequence (N = 48, far below the
+  validation sweep's): the host time they spend around transfers and per synchronous step, beyond everything
+  above (a two-parameter non-negative fit).
 
 On CPU the ranks are spawned here (attn2d.testing.run_distributed, gloo). Under torchrun/srun (RANK set) it runs
 in place on NCCL and measures intra-node pairs (ranks 0, 1) and inter-node pairs (ranks 0, gpus_per_node):
@@ -270,7 +276,7 @@ def _comm_sizes(device, quick: bool) -> list[int]:
     return [1 << 12, 1 << 16, 1 << 19, 1 << 21] if quick else [1 << 10, 1 << 14, 1 << 17, 1 << 20, 1 << 22]
 
 
-def _barrier_time(fn, device, iters: int, repeats: int = 3) -> float:
+def _barrier_time(fn, device, iters: int, repeats: int = 5) -> float:
     """Time per call of a collective fn: the mean over `iters` calls, max over ranks (everyone waits for the
     slowest), minimum over `repeats` (other tenants of a shared machine only ever add time)."""
     import torch.distributed as dist
@@ -520,7 +526,7 @@ def calibrate(worlds, threads: int = 1, dtype: str = "fp32", quick: bool = False
         shared.append(w * dist_res[w]["concurrent_gemm_flops_per_s"] / solo)
     cores = os.cpu_count() or 1
     shared_cores = int(min(cores, max(1, round(statistics.median(shared))))) if min(worlds) > 1 else None
-    algos = run_distributed(4, algorithm_worker, GLUE_CASES, GLUE_SEQ_LEN, heads, head_dim, 4 if quick else 8,
+    algos = run_distributed(4, algorithm_worker, GLUE_CASES, GLUE_SEQ_LEN, heads, head_dim, 4 if quick else 30,
                             threads, timeout_s=600)[0]
     return {
         "gemm": gemm, "block": block, "local": local, "optimizer": optm, "overhead": overhead,

@@ -86,13 +86,13 @@ rule advise_example:
 
 
 rule calibrate:
-    # On demand only (`snakemake calibrate`): measures this machine (gloo, 4 ranks) into a new profile.
+    # On demand only (`snakemake calibrate`): measures this machine (gloo, 4 and 9 ranks: the local sweep's P)
     output:
         "results/calibration/local_cpu.yaml",
     log:
         "results/logs/costmodel/calibrate.log",
     shell:
-        "{PYTHON} -m attn2d.calibrate --world 4 --out {output} > {log} 2>&1"
+        "{PYTHON} -m attn2d.calibrate --world 4 9 --out {output} > {log} 2>&1"
 
 
 localrules:
