@@ -15,15 +15,6 @@ from attn2d.model import GPT, GPTConfig, apply_rotary, rotary_tables, shard_loss
 TINY = GPTConfig(n_layer=2, d_model=64, n_head=4, vocab_size=256)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """1 thread: on the 2 shared cores here more threads only spin."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def sdpa(causal=True):
     def attn(q, k, v):  # (B, L, H, D)
         return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),

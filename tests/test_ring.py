@@ -1,19 +1,17 @@
 """Ring Attention on real gloo processes: output and gradients against the float64 reference (both layouts, causal
 and not, fp32 and bf16), every rank's counted communication against comm_ops op by op, and the classic ring
 volume 2 (P-1) (N/P) H D B e per rank (independent closed form); clear errors on bad inputs."""
-import re
-
 import pytest
 import torch
 import torch.distributed as dist
 
 from attn2d.attention import get_attention, layout
 from attn2d.attention.kernels import block_pieces
-from attn2d.attention.reference import reference_attention
 from attn2d.attention.ring import BWD_OPS, FWD_OPS, comm_ops, ring_attention, step_spans
 from attn2d.distributed import GridError, ProcessGrid, count_comm
 from attn2d.distributed.comm import total_comm
-from attn2d.testing import run_distributed
+from attn2d.testing import (assert_errors_match, assert_matches_reference, call_errors, random_case,
+                            run_distributed)
 
 B, H, D = 2, 3, 80  # head_dim of GPT-3 2.7B
 N = 24  # a multiple of 2P for every P used: 1, 2, 3, 4
@@ -23,14 +21,9 @@ LAYOUTS = {1: ("zigzag", "contiguous"), 2: ("zigzag", "contiguous"), 3: ("contig
 
 
 def _make_cases(world):
-    cases = []
-    for i, lay in enumerate(LAYOUTS[world]):
-        for causal in (True, False):
-            for dtype in ("float32", "bfloat16"):
-                g = torch.Generator().manual_seed(1000 * world + 10 * i + 2 * causal + (dtype == "bfloat16"))
-                q, k, v, dout = (torch.randn(B, N, H, D, generator=g, dtype=torch.float64) for _ in range(4))
-                cases.append(dict(layout=lay, causal=causal, dtype=dtype, q=q, k=k, v=v, dout=dout))
-    return cases
+    return [random_case(1000 * world + 10 * i + 2 * causal + (dtype == "bfloat16"), (B, N, H, D),
+                        layout=lay, causal=causal, dtype=dtype)
+            for i, lay in enumerate(LAYOUTS[world]) for causal in (True, False) for dtype in ("float32", "bfloat16")]
 
 
 def _cases_worker(rank, world, cases):
@@ -81,26 +74,7 @@ def _bad_inputs():
         "layout": lambda: ring_attention(x, x, x, layout="cyclic"),
         "empty": lambda: ring_attention(x[:, :0], x[:, :0], x[:, :0], layout="contiguous"),
     }
-    errors = {}
-    for name, call in calls.items():
-        try:
-            call()
-            errors[name] = None
-        except (ValueError, TypeError) as e:
-            errors[name] = str(e)
-    return errors
-
-
-def _rel(got, want):
-    return float((got.double() - want).norm() / want.norm())
-
-
-def _full(results, key, lay, world):
-    """Put every rank's shard back at its positions: (B, N, H, D)."""
-    full = torch.zeros(B, N, H, D, dtype=torch.float64)
-    for rk, res in enumerate(results):
-        full[:, layout.spans_tensor(layout.layout_spans(lay, N, rk, world, 1))] = res[key].double()
-    return full
+    return call_errors(calls)
 
 
 def _check_world(world):
@@ -110,14 +84,8 @@ def _check_world(world):
         lay, causal, dtype = case["layout"], case["causal"], case["dtype"]
         label = f"P={world} {lay} causal={causal} {dtype}"
         results = [per_rank[rk][i] for rk in range(world)]
+        assert_matches_reference(case, results, lay, world, 1, TOL[dtype], label)
         dt = getattr(torch, dtype)
-        q, k, v = (case[x].to(dt).double().requires_grad_() for x in "qkv")  # reference on the rounded inputs
-        ref, _ = reference_attention(q, k, v, causal=causal)
-        ref.backward(case["dout"].to(dt).double())
-        for key, want in (("out", ref.detach()), ("dq", q.grad), ("dk", k.grad), ("dv", v.grad)):
-            assert results[0][key].dtype == dt, f"{label}: {key} has dtype {results[0][key].dtype}"
-            err = _rel(_full(results, key, lay, world), want)
-            assert err < TOL[dtype], f"{label}: {key} relative error {err:.2e} >= {TOL[dtype]}"
         for rk, res in enumerate(results):
             ops = comm_ops(B, N, H, D, world, 1, dt, causal, rank=rk, layout=lay)
             for phase in ("fwd", "bwd"):
@@ -139,14 +107,9 @@ def _check_world(world):
 
 def _check_subgroups(case, results):
     assert case["layout"] == "zigzag" and case["causal"] and case["dtype"] == "float32"
-    q, k, v = (case[x].float().double().requires_grad_() for x in "qkv")
-    ref, _ = reference_attention(q, k, v, causal=True)
-    ref.backward(case["dout"].float().double())
     for members in ([0, 2], [1, 3]):
         sub = [results[rk] for rk in members]
-        for key, want in (("out", ref.detach()), ("dq", q.grad), ("dk", k.grad), ("dv", v.grad)):
-            err = _rel(_full(sub, key, "zigzag", 2), want)
-            assert err < TOL["float32"], f"subgroup {members}: {key} relative error {err:.2e}"
+        assert_matches_reference(case, sub, "zigzag", 2, 1, TOL["float32"], f"subgroup {members}")
         for res in sub:
             assert res["comm"] == total_comm(comm_ops(B, N, H, D, 2, 1, torch.float32, True)), members
 
@@ -163,9 +126,7 @@ def _check_errors(errors):
         "layout": r"unknown layout 'cyclic'; use one of zigzag, contiguous",
         "empty": r"holds 0 positions",
     }
-    for name, pattern in expected.items():
-        assert errors[name] is not None, f"{name}: no error raised"
-        assert re.search(pattern, errors[name]), f"{name}: {errors[name]!r} !~ {pattern!r}"
+    assert_errors_match(errors, expected)
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
@@ -179,7 +140,7 @@ def _work(lay, P, seq_len, rank, step):
     n = seq_len // P
     total = 0
     for p in block_pieces(q_pos, k_pos, n, n, causal=True):
-        rows, keys = p.q1 - p.q0, p.k1 - p.k0
+        rows, keys = p.n_q, p.n_k
         total += rows * keys if p.kind == "full" else rows * (keys - rows) + rows * (rows + 1) // 2
     return total
 

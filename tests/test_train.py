@@ -275,15 +275,6 @@ def test_submitit_local_launcher_with_fsdp_and_checkpointing_matches_one_process
     assert "fsdp_grad_reduce_scatter" in rec.steps[0]["comm_by_op"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """In-process steps on 1 thread: on the 2 shared cores here more threads only spin."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_tiny_model_learns_the_synthetic_data():
     s = _settings("local", 1, 1, [], ["benchmark.optimizer=adamw", "benchmark.lr=3e-3"], 1)
     sp = SequenceParallel("local")

@@ -49,6 +49,19 @@ class GPTConfig:
         """Width of the attention projections, n_head * d_head (= d_model except for GPT-3 13B)."""
         return self.n_head * self.d_head
 
+    def n_params(self) -> int:
+        """Parameters of GPT(self) (tied embeddings counted once), by construction of its modules."""
+        d, a, f = self.d_model, self.d_attn, self.mlp_ratio * self.d_model
+        block = (d * 3 * a + 3 * a) + (a * d + d) + (d * f + f) + (f * d + d) + 2 * 2 * d  # qkv, proj, mlp, 2 LN
+        return self.n_layer * block + self.vocab_size * d + self._position_params() + 2 * d  # + token table, ln_f
+
+    def matmul_params(self) -> int:
+        """Parameters that take part in a matmul per token (all but the position table; lm_head counts)."""
+        return self.n_params() - self._position_params()
+
+    def _position_params(self) -> int:
+        return (self.max_seq_len or 0) * self.d_model if self.positions == "learned" else 0
+
     def check(self) -> None:
         """Raise ValueError when heads and dims do not fit (names every number)."""
         if self.head_dim is None and self.d_model % self.n_head:

@@ -62,3 +62,66 @@ def run_distributed(world_size: int, fn, *args, timeout_s: float = 120.0) -> lis
         if errors:
             raise DistributedError("\n".join(errors))
         return results
+
+
+# --- shared checks of the distributed-attention tests (test_attention2d, test_ring, test_attention2d_overlap) ---
+
+def random_case(seed: int, shape: tuple, **fields) -> dict:
+    """A test case: float64 q, k, v and dout of `shape` (B, N, H, D) from one seeded generator, plus `fields`."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v, dout = (torch.randn(*shape, generator=g, dtype=torch.float64) for _ in range(4))
+    return dict(fields, q=q, k=k, v=v, dout=dout)
+
+
+def call_errors(calls: dict) -> dict:
+    """Run each bad call; its ValueError/TypeError message, or None where it raised nothing."""
+    errors = {}
+    for name, call in calls.items():
+        try:
+            call()
+            errors[name] = None
+        except (ValueError, TypeError) as e:
+            errors[name] = str(e)
+    return errors
+
+
+def assert_errors_match(errors: dict, expected: dict) -> None:
+    """Every named call raised, with a message matching its regex."""
+    import re
+
+    for name, pattern in expected.items():
+        assert errors[name] is not None, f"{name}: no error raised"
+        assert re.search(pattern, errors[name]), f"{name}: {errors[name]!r} !~ {pattern!r}"
+
+
+def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """||got - want|| / ||want|| in float64."""
+    return float((got.double() - want).norm() / want.norm())
+
+
+def assemble(shards: list, lay: str, seq_len: int, rows: int, cols: int) -> torch.Tensor:
+    """Put every rank's shard (B, N/P, H, D), in rank order, back at its layout positions: (B, N, H, D) float64."""
+    from attn2d.attention import layout
+
+    b, _, h, d = shards[0].shape
+    full = torch.zeros(b, seq_len, h, d, dtype=torch.float64)
+    for rank, x in enumerate(shards):
+        full[:, layout.spans_tensor(layout.layout_spans(lay, seq_len, rank, rows, cols))] = x.double()
+    return full
+
+
+def assert_matches_reference(case: dict, results: list, lay: str, rows: int, cols: int, tol: float,
+                             label: str) -> None:
+    """Each rank's out, dq, dk, dv (in `results`, rank order) equal the float64 single-device reference computed on
+    the case's inputs rounded to the run's dtype, to relative error < tol; and come back in that dtype."""
+    from attn2d.attention.reference import reference_attention
+
+    dt = getattr(torch, case["dtype"]) if isinstance(case["dtype"], str) else case["dtype"]
+    q, k, v = (case[x].to(dt).double().requires_grad_() for x in "qkv")
+    ref, _ = reference_attention(q, k, v, causal=case["causal"])
+    ref.backward(case["dout"].to(dt).double())
+    seq_len = case["q"].shape[1]
+    for key, want in (("out", ref.detach()), ("dq", q.grad), ("dk", k.grad), ("dv", v.grad)):
+        assert results[0][key].dtype == dt, f"{label}: {key} has dtype {results[0][key].dtype}"
+        err = rel_error(assemble([r[key] for r in results], lay, seq_len, rows, cols), want)
+        assert err < tol, f"{label}: {key} relative error {err:.2e} >= {tol}"

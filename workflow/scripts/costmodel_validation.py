@@ -122,10 +122,8 @@ def to_markdown(df: pd.DataFrame, s: dict, skipped: list[str], hw_src: str) -> s
 
 
 def figure(df: pd.DataFrame, s: dict, out: Path) -> list[Path]:
-    os.environ.setdefault("MPLBACKEND", "Agg")
-    import matplotlib
+    from attn2d.report.figures import save_figure  # first: it selects the Agg backend (MPLBACKEND)
 
-    matplotlib.use(os.environ["MPLBACKEND"])
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.2, 4.6))
@@ -147,12 +145,7 @@ def figure(df: pd.DataFrame, s: dict, out: Path) -> list[Path]:
     ax.set_title(f"Cost model ({s['hardware']}) vs measured local CPU sweep\nmodelled vs measured: median |error| "
                  f"{s['median_abs_rel_error']:.1%}, max {s['max_abs_rel_error']:.1%}, {s['cells']} cells", fontsize=9)
     ax.legend(fontsize=7)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    paths = [out.with_suffix(".png"), out.with_suffix(".pdf")]
-    for p in paths:
-        fig.savefig(p, dpi=150, bbox_inches="tight")
-    plt.close(fig)
-    return paths
+    return save_figure(fig, out)
 
 
 def main(argv=None) -> int:

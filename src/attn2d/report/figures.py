@@ -103,7 +103,8 @@ def _p_label(gpus: int, source: Source) -> str:
     return f"P = {int(gpus)} {unit}"
 
 
-def _save(fig: plt.Figure, out: str | Path) -> list[Path]:
+def save_figure(fig: plt.Figure, out: str | Path) -> list[Path]:
+    """Write fig as out.png and out.pdf (parents made) and close it."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = [out.with_suffix(".png"), out.with_suffix(".pdf")]
@@ -160,7 +161,7 @@ def speedup_figure(sources: Sequence[Source], out: str | Path,
     fig.legend(handles + [plt.Line2D([], [], ls="--", color="black")], ["Attention2D-NO", "Attention2D-O", "1x (Ring)"],
                loc="upper center", ncol=3, bbox_to_anchor=(0.5, 0.0), frameon=False)
     _suptitle(fig, title, sources)
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def time_per_step_figure(sources: Sequence[Source], out: str | Path,
@@ -200,7 +201,7 @@ def time_per_step_figure(sources: Sequence[Source], out: str | Path,
             sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False)
     fig.tight_layout()
     _suptitle(fig, title, sources)
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 ANALYTIC_P = (4, 9, 16, 36, 64)  # square grids the analytic lines are drawn at (where the sequence splits evenly)
@@ -297,7 +298,7 @@ def comm_bytes_figure(sources: Sequence[Source], out: str | Path,
     names = [s.label for s in measured_src] + (["modelled: analytic per-rank volumes of the algorithms' comm_ops"]
                                                if analytic else [])
     fig.suptitle(title + "\n" + "\n".join(names), fontsize=10, y=1.0, va="bottom")
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 KINDS: dict[str, Callable[..., list[Path]]] = {
