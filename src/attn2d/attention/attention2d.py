@@ -32,29 +32,30 @@ once, so
     dQ_{I_r} = sum over c of  s dS_{I_r,J_c} K_{J_c}               -> a sum over the grid row    (reduce-scatter)
     dK_{J_c} = sum over r of  s dS_{I_r,J_c}^T Q_{I_r},  dV_{J_c} = sum over r of P_{I_r,J_c}^T dO_{I_r}
                                                                     -> a sum over the grid column (reduce-scatter)
-Steps: (B1) row all-gather of (q_p, out_p, dout_p, lse_p) packed in one buffer -> q_g, o_g, do_g, lse_g;
+Steps: (B0) delta_p = rowsum(dout_p * out_p) of this rank's own rows (fp32), the only use of out in the backward;
+(B1) row all-gather of (lse_p, delta_p, q_p, dout_p) packed in one buffer -> lse_g, delta_g, q_g, do_g;
 (B2) column all-gather of (k_t, v_t) again (recompute instead of storing N/C-row buffers between passes);
-(B3) ONE kernels.attn_backward(do_g, q_g, k_g, v_g, o_g, lse_g, q_pos, k_pos) with the GLOBAL out/lse of the rows;
-(B4) row reduce-scatter (sum, fp32) of dq_g to the owners (row m -> column m mod C); (B5) column reduce-scatter
-(sum, fp32) of the stacked (dk_g, dv_g) to their row-major owners (key m -> row m mod R); (B6) the inverse of the
-L1 permutation, back to the cyclic layout; cast to the input dtypes. Everything is O(N/sqrt(P)) rows per rank.
-Why O is sent and not delta = rowsum(dO * O) (D+1 -> 1 element per row): the kernel API (kernels.attn_backward,
-like flash-attn's backward) takes `out` and forms delta itself, so o_g must exist on every rank of the row.
-A kernel entry taking delta would cut B1 from (C-1)(N/P)(3D+1) to (C-1)(N/P)(2D+2) elements.
+(B3) ONE kernels.attn_backward(do_g, q_g, k_g, v_g, lse_g, delta_g, q_pos, k_pos) with the GLOBAL lse and delta of
+the rows; (B4) row reduce-scatter (sum, fp32) of dq_g to the owners (row m -> column m mod C); (B5) column
+reduce-scatter (sum, fp32) of the stacked (dk_g, dv_g) to their row-major owners (key m -> row m mod R); (B6) the
+inverse of the L1 permutation, back to the cyclic layout; cast to the input dtypes. Everything is O(N/sqrt(P))
+rows per rank. Sending delta (1 scalar per row) instead of out (D per row) makes B1 (C-1)(N/P)(2D e + 2 l) bytes
+per head instead of (C-1)(N/P)(3D e + l). The kernel APIs take out, not delta: kernels.out_for_delta builds a
+stand-in out' with rowsum(dO * out') = delta for them (see its docstring for why that is exact and safe).
 
 Exact per-rank volume (what comm_ops predicts and the tests check; bytes sent = bytes received). Let n = N/P,
 e = bytes of the input dtype, l = bytes of lse (4; 8 for float64), a = bytes of the gradient accumulation dtype
 (4; 8 for float64), and delta_kv = 1 if the L1 permutation moves this rank's K/V (0 on the diagonal of a square
 grid and everywhere on 1-D grids):
     forward  = B H n [ 2 D e delta_kv + (C-1) D e + 2 (R-1) D e + (C-1) (D e + l) ]
-    backward = B H n [ (C-1) (3 D e + l) + 2 (R-1) D e + (C-1) D a + 2 (R-1) D a + 2 D a delta_kv ]
+    backward = B H n [ (C-1) (2 D e + 2 l) + 2 (R-1) D e + (C-1) D a + 2 (R-1) D a + 2 D a delta_kv ]
 Square grid (R = C = sqrt(P)), per head and sequence, in elements of the input dtype:
     forward  = [4 (sqrt(P)-1) + 2 delta_kv] N D / P + (sqrt(P)-1) (l/e) N / P
 i.e. the paper's [4(sqrt(P)-1)+2] N H / P (its H = our head_dim D) plus the lse column of the reduce-scatter
 (with bfloat16 inputs l/e = 2, exactly the paper's (H+2) per row for (M, D)). Messages: forward
 delta_kv + 2 (C-1) + (R-1), backward 2 (C-1) + 2 (R-1) + delta_kv.
 
-Memory: transient q_g, k_g, v_g (and o_g, do_g in backward) of N/sqrt(P) rows; saved: 1/P shards only.
+Memory: transient q_g, k_g, v_g (and do_g in backward) of N/sqrt(P) rows; saved: 1/P shards only.
 CUDA: nothing here is device specific (NCCL collectives through attn2d.distributed.comm); not run on a GPU here.
 """
 from __future__ import annotations
@@ -74,7 +75,7 @@ from attn2d.distributed.grid import ProcessGrid, check_grid, check_seq_len
 
 # op names as counted by attn2d.distributed.comm (CommStats.by_op) and predicted by comm_ops
 FWD_OPS = ("kv_to_row_major", "q_row_all_gather", "kv_col_all_gather", "out_row_reduce_scatter")
-BWD_OPS = ("qodo_row_all_gather", "kv_col_all_gather_bwd", "dq_row_reduce_scatter", "dkv_col_reduce_scatter",
+BWD_OPS = ("qdo_row_all_gather", "kv_col_all_gather_bwd", "dq_row_reduce_scatter", "dkv_col_reduce_scatter",
            "dkv_to_col_major")
 
 
@@ -159,18 +160,21 @@ def attention2d_backward(dout_p, q_p, k_t, v_t, out_p, lse_p, grid: ProcessGrid,
     """Backward of Attention2D-NO (derived, see the module docstring): (dq_p, dk_p, dv_p) in fp32 (fp64)."""
     b, n, h, d = q_p.shape
     seq_len, rows, cols = n * grid.size, grid.rows, grid.cols
-    # B1: one row all-gather of (lse, q, out, dout), widest dtype first
-    like = [lse_p, q_p, out_p, dout_p]
+    # B0: delta = rowsum(dout * out) of this rank's rows, in lse's dtype: (B, H, N/P)
+    delta_p = (dout_p.to(lse_p.dtype) * out_p.to(lse_p.dtype)).sum(-1).transpose(1, 2).contiguous()
+    # B1: one row all-gather of (lse, delta, q, dout), widest dtype first
+    like = [lse_p, delta_p, q_p, dout_p]
     buf = comm.pack(like).unsqueeze(0)  # (1, bytes)
-    gathered = comm.all_gather(buf, grid.row_group, dim=0, op="qodo_row_all_gather")  # (C, bytes)
+    gathered = comm.all_gather(buf, grid.row_group, dim=0, op="qdo_row_all_gather")  # (C, bytes)
     parts = [_unpack(row, like) for row in gathered.unbind(0)]
-    lse_g = _lse_to_position_order(torch.stack([p[0] for p in parts]))  # (B, H, N/R)
-    q_g, o_g, do_g = _to_position_order(torch.stack([torch.stack(p[1:]) for p in parts])).unbind(0)  # (B, N/R, H, D)
+    lse_g, delta_g = (_lse_to_position_order(torch.stack([p[i] for p in parts])) for i in (0, 1))  # (B, H, N/R)
+    q_g, do_g = _to_position_order(torch.stack([torch.stack(p[2:]) for p in parts])).unbind(0)  # (B, N/R, H, D)
     # B2: K/V column all-gather again
     k_g, v_g = gather_kv(k_t, v_t, grid, op="kv_col_all_gather_bwd")  # (B, N/C, H, D) each
-    # B3: the local block backward with the global out / lse of the rows
+    # B3: the local block backward with the global lse and delta of the rows
     q_pos, k_pos = _spans(grid, seq_len)
-    dq_g, dk_g, dv_g = kernels.attn_backward(do_g, q_g, k_g, v_g, o_g, lse_g, causal=causal, q_pos=q_pos, k_pos=k_pos)
+    dq_g, dk_g, dv_g = kernels.attn_backward(do_g, q_g, k_g, v_g, None, lse_g, delta=delta_g, causal=causal,
+                                             q_pos=q_pos, k_pos=k_pos)
     # B4: row reduce-scatter of dq: row m = j*C + c' of q_g belongs to p(r, c')
     dq_blocks = dq_g.reshape(b, n, cols, h, d)  # (B, N/P, C, H, D)
     dq_p = comm.reduce_scatter([dq_blocks[:, :, i] for i in range(cols)], grid.row_group, op="dq_row_reduce_scatter")
@@ -248,7 +252,7 @@ def comm_ops(batch: int, seq_len: int, heads: int, head_dim: int, rows: int, col
         ops.append(coll("fwd", "kv_col_all_gather", "all_gather", "col", rows, 2 * vec))
     if cols > 1:
         ops.append(coll("fwd", "out_row_reduce_scatter", "all_to_all", "row", cols, vec + lse))
-        ops.append(coll("bwd", "qodo_row_all_gather", "all_gather", "row", cols, 3 * vec + lse))
+        ops.append(coll("bwd", "qdo_row_all_gather", "all_gather", "row", cols, 2 * vec + 2 * lse))
     if rows > 1:
         ops.append(coll("bwd", "kv_col_all_gather_bwd", "all_gather", "col", rows, 2 * vec))
     if cols > 1:

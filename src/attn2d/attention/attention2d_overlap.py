@@ -30,7 +30,8 @@ Backward (derived here; the paper's is not available). With the FINAL out and ls
 (query block, key block) tile's gradient is independent: P = exp(S - lse), delta = rowsum(dout * out),
 dV += P^T dO, dS = P (dO V^T - delta) scale, dQ += dS K, dK += dS^T Q (kernels.attn_backward). p(r, c) owns the
 tile Q_g(r) x K_g(c) (queries = r mod R, keys = c mod C), exactly as in the forward, and runs it as:
-  B1  post the first shift of the Q-side bundle (q_p, out_p, dout_p, lse_p), packed into one message, along the
+  B0  delta_p = rowsum(dout_p * out_p) (fp32) of its own rows: out is used nowhere else, so it never travels
+  B1  post the first shift of the Q-side bundle (lse_p, delta_p, q_p, dout_p), packed into one message, along the
       grid row                                                                              [op qbundle_row_ring]
   B2  phase A (mirror of Alg. 5): K/V ring up the column again (recompute, nothing gathered was saved),
       overlapped with own bundle against each arriving K/V block: dq_own accumulates locally (fp32), dk/dv go
@@ -51,9 +52,9 @@ tile Q_g(r) x K_g(c) (queries = r mod R, keys = c mod C), exactly as in the forw
 Per-rank volume (n = N/P, per batch*head: b = element size, f = 4 (8 for fp64)): forward
   kv_transpose 2nD b (off-fixed-point ranks), kv_col_gather (R-1) 2nD b, q_row_ring (C-1) nD b,
   out_row_scatter[_tail] (C-1) n (D b + f)  -- the partial out travels in q's dtype, its lse in fp32;
-backward qbundle_row_ring (C-1) n (3 D b + f), kv_col_gather_bwd (R-1) 2nD b, dq_row_scatter[_tail] (C-1) nD f,
+backward qbundle_row_ring (C-1) n (2 D b + 2 f), kv_col_gather_bwd (R-1) 2nD b, dq_row_scatter[_tail] (C-1) nD f,
   dkv_col_scatter[_tail] (R-1) 2nD f, dkv_transpose 2nD f. Messages: one per ring step (K with V, out with lse,
-  q with out, dout and lse, dk with dv packed). Bytes AND messages equal Attention2D-NO's comm_ops for every rank
+  q with dout, lse and delta, dk with dv packed). Bytes AND messages equal Attention2D-NO's comm_ops for every rank
   and phase (tested); what differs is how they move: here neighbour-to-neighbour ring steps in a fixed order, each
   overlapped with a compute, there one collective per step (all_gather, all_to_all, reduce_scatter) that NCCL can
   route by topology. The partial output carries one scalar per row (lse = M + log D) instead of the paper's (M, D).
@@ -196,9 +197,10 @@ def _backward(dout_p, q_p, kv_t, out_p, lse_p, grid: ProcessGrid, causal: bool):
     acc = acc_dtype(q_p.dtype)
     left, right = grid.global_rank(r, c - 1), grid.global_rank(r, c + 1)
     up, down = grid.global_rank(r - 1, c), grid.global_rank(r + 1, c)
-    own = [lse_p, q_p, out_p, dout_p]  # widest dtype first: every view of a packed buffer stays aligned
+    delta_p = (dout_p.to(acc) * out_p.to(acc)).sum(-1).transpose(1, 2).contiguous()  # B0: (B, H, n), fp32
+    own = [lse_p, delta_p, q_p, dout_p]  # widest dtype first: every view of a packed buffer stays aligned
     if C > 1:  # B1: first Q-side bundle in the background
-        bundle = comm.pack(own)  # (bytes,) lse fp32, then q, out, dout in q's dtype
+        bundle = comm.pack(own)  # (bytes,) lse and delta fp32, then q, dout in q's dtype
         b_n = recv_like(bundle)
         h_g = comm.send_recv([(bundle, left)], [(b_n, right)], op="qbundle_row_ring", async_op=True,
                              group=grid.row_group)
@@ -216,8 +218,8 @@ def _backward(dout_p, q_p, kv_t, out_p, lse_p, grid: ProcessGrid, causal: bool):
             handle = comm.send_recv([(kv, up)], [(recv_like(kv), down)], op="kv_col_gather_bwd",
                                     async_op=True, group=grid.col_group)
         src = (r + i) % R
-        dq, dk, dv = kernels.attn_backward(dout_p, q_p, kv[0], kv[1], out_p, lse_p, causal=causal, q_pos=q_pos,
-                                           k_pos=Span(c + src * C, P, n))
+        dq, dk, dv = kernels.attn_backward(dout_p, q_p, kv[0], kv[1], None, lse_p, delta=delta_p, causal=causal,
+                                           q_pos=q_pos, k_pos=Span(c + src * C, P, n))
         dq_own += dq
         dkv[src, 0] += dk
         dkv[src, 1] += dv
@@ -238,18 +240,19 @@ def _backward(dout_p, q_p, kv_t, out_p, lse_p, grid: ProcessGrid, causal: bool):
             if i < C - 1:
                 h_g = comm.send_recv([(b_n, left)], [(b_b, right)], op="qbundle_row_ring", async_op=True,
                                      group=grid.row_group)
-            lse, q, o, do = comm.unpack(b_n, own)
+            lse, delta, q, do = comm.unpack(b_n, own)
             src_pos = Span(r + ((c + i) % C) * R, P, n)
             if i < C - 1:
-                dq_i, dk, dv = kernels.attn_backward(do, q, kv_g[0], kv_g[1], o, lse, causal=causal, q_pos=src_pos,
-                                                     k_pos=k_pos)
+                dq_i, dk, dv = kernels.attn_backward(do, q, kv_g[0], kv_g[1], None, lse, delta=delta, causal=causal,
+                                                     q_pos=src_pos, k_pos=k_pos)
                 dkv += torch.stack([dk, dv]).view(2, B, R, n, H, D).permute(2, 0, 1, 3, 4, 5)  # (R, 2, B, n, H, D)
             else:  # last bundle: block by block, so the column reduce-scatter (B4) hides behind the tiles
                 dq_i = torch.zeros(B, n, H, D, dtype=acc, device=q_p.device)
                 for s in list(range(1, R)) + [0]:
                     blk = (r + s) % R
-                    dq_t, dk, dv = kernels.attn_backward(do, q, blocks[blk][0], blocks[blk][1], o, lse, causal=causal,
-                                                         q_pos=src_pos, k_pos=Span(c + blk * C, P, n))
+                    dq_t, dk, dv = kernels.attn_backward(do, q, blocks[blk][0], blocks[blk][1], None, lse,
+                                                         delta=delta, causal=causal, q_pos=src_pos,
+                                                         k_pos=Span(c + blk * C, P, n))
                     dq_i += dq_t
                     dkv[blk, 0] += dk
                     dkv[blk, 1] += dv
@@ -326,7 +329,7 @@ def comm_ops(batch, seq_len, heads, head_dim, rows, cols, dtype, causal, rank=No
     add("fwd", "out_row_scatter", "row", C, blk * b + lse * f, max(C - 2, 0), True)
     add("fwd", "out_row_scatter_tail", "row", C, blk * b + lse * f, int(C > 1), False)
     # backward
-    add("bwd", "qbundle_row_ring", "row", C, 3 * blk * b + lse * f, C - 1, True)
+    add("bwd", "qbundle_row_ring", "row", C, 2 * blk * b + 2 * lse * f, C - 1, True)
     add("bwd", "kv_col_gather_bwd", "col", R, 2 * blk * b, R - 1, True)
     add("bwd", "dq_row_scatter", "row", C, blk * f, max(C - 2, 0), True)
     add("bwd", "dq_row_scatter_tail", "row", C, blk * f, int(C > 1), False)
