@@ -186,12 +186,16 @@ def test_ring_contiguous_is_imbalanced_zigzag_is_not():
     assert cont / zig == pytest.approx(2.0, rel=0.1)  # each step waits for a rank with a fully visible block
 
 
-def test_non_square_grid_pieces_need_masks():
-    # q stride 2 vs k stride 3: the kernel layer needs an explicit mask; a square grid's blocks never do
-    calls, dense, masked, mask = cm.schedule_work("attn2d", 48, 2, 3, True)[0][0]
+def test_non_square_grid_pieces_are_restrided_not_masked():
+    # q stride 2 vs k stride 3: re-strided by the kernel layer (no explicit mask), so a 2x3 grid's block costs its
+    # causal half like a square grid's; steps 7 vs 11 (77 sub-span pairs) keep the explicit mask
+    for rows, cols in ((2, 3), (3, 2), (3, 3)):
+        work = cm.schedule_work("attn2d", 48, rows, cols, True)
+        assert all(w[3] == 0 for step in work for w in step), (rows, cols)
+        computed = sum(w[1] - w[2] for step in work for w in step)  # dense pairs minus the skipped triangles
+        assert computed == 48 * 49 // 2, (rows, cols)  # every visible (query, key) pair once, over all ranks
+    calls, dense, masked, mask = cm.schedule_work("attn2d", 154, 7, 11, True)[0][0]
     assert mask > 0
-    for step in cm.schedule_work("attn2d", 48, 3, 3, True):
-        assert all(w[3] == 0 for w in step)
 
 
 def test_pipeline_overlap():

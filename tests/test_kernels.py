@@ -100,18 +100,9 @@ def test_attention2d_blocks(backend, dtype, rows, cols):
         for r in range(rows):
             qs = Span(r, rows, N // rows)
             qi = _pos(qs)
-            parts = []
-            for c in range(cols):
-                ks = Span(c, cols, N // cols)
-                ki = _pos(ks)
-                o, l = attn_forward(q[:, qi], k[:, ki], v[:, ki], causal=True, q_pos=qs, k_pos=ks, backend=backend)
-                want_o, want_l = _ref_block(q[:, qi], k[:, ki], v[:, ki], qi, ki)
-                _close(o, want_o, dtype, f"out block ({r},{c}) of {rows}x{cols}")
-                _close(l, want_l, dtype, f"lse block ({r},{c}) of {rows}x{cols}")
-                parts.append((o, l))
-            out, lse = merge_partials([p[0] for p in parts], [p[1] for p in parts])
-            _close(out, ref[:, qi], dtype, f"merged out row {r}")
-            _close(lse, ref_lse[:, :, qi], dtype, f"merged lse row {r}")
+            k_spans = [Span(c, cols, N // cols) for c in range(cols)]
+            out, lse = _forward_over_blocks(q, k, v, qs, k_spans, ref, ref_lse, backend, dtype,
+                                            f"row {r} of {rows}x{cols}")
             dq = 0
             for c in range(cols):
                 ks = Span(c, cols, N // cols)
@@ -126,6 +117,24 @@ def test_attention2d_blocks(backend, dtype, rows, cols):
         _close(dv_sum, v64.grad, dtype, "dv")
 
 
+def _forward_over_blocks(q, k, v, qs, k_spans, ref, ref_lse, backend, dtype, label):
+    """attn_forward of the queries at qs against each key block (each checked against its float64 block), merged
+    and checked against the full reference rows; returns the merged (out, lse)."""
+    qi = _pos(qs)
+    parts = []
+    for j, ks in enumerate(k_spans):
+        ki = _pos(ks)
+        o, l = attn_forward(q[:, qi], k[:, ki], v[:, ki], causal=True, q_pos=qs, k_pos=ks, backend=backend)
+        want_o, want_l = _ref_block(q[:, qi], k[:, ki], v[:, ki], qi, ki)
+        _close(o, want_o, dtype, f"{label}: out of key block {j}")
+        _close(l, want_l, dtype, f"{label}: lse of key block {j}")
+        parts.append((o, l))
+    out, lse = merge_partials([p[0] for p in parts], [p[1] for p in parts])
+    _close(out, ref[:, qi], dtype, f"{label}: merged out")
+    _close(lse, ref_lse[:, :, qi], dtype, f"{label}: merged lse")
+    return out, lse
+
+
 # ---------------------------------------------------------------- (c) zigzag vs contiguous spans
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -136,19 +145,9 @@ def test_zigzag_and_contiguous_blocks(backend, dtype):
         for i in range(world):
             for q_layout, k_layout in (("zigzag", "zigzag"), ("zigzag", "contiguous"), ("contiguous", "zigzag")):
                 qs = layout_spans(q_layout, N, i, world)
-                qi = _pos(qs)
-                parts = []
-                for j in range(world):
-                    ks = layout_spans(k_layout, N, j, world)
-                    ki = _pos(ks)
-                    o, l = attn_forward(q[:, qi], k[:, ki], v[:, ki], causal=True, q_pos=qs, k_pos=ks, backend=backend)
-                    want_o, want_l = _ref_block(q[:, qi], k[:, ki], v[:, ki], qi, ki)
-                    _close(o, want_o, dtype, f"out {q_layout} {i} vs {k_layout} {j}")
-                    _close(l, want_l, dtype, f"lse {q_layout} {i} vs {k_layout} {j}")
-                    parts.append((o, l))
-                out, lse = merge_partials([p[0] for p in parts], [p[1] for p in parts])
-                _close(out, ref[:, qi], dtype, f"merged {q_layout} {i}")
-                _close(lse, ref_lse[:, :, qi], dtype, f"merged lse {q_layout} {i}")
+                k_spans = [layout_spans(k_layout, N, j, world) for j in range(world)]
+                _forward_over_blocks(q, k, v, qs, k_spans, ref, ref_lse, backend, dtype,
+                                     f"{q_layout} {i} vs {k_layout} keys")
 
 
 # ---------------------------------------------------------------- (d) backward over arbitrary key blocks
@@ -237,7 +236,7 @@ def test_non_square_offset_causal_is_aligned_by_position(backend, dtype):
         # a top-left backend only ever gets square causal pieces
         bottom_right = backends.BACKENDS[backend].causal_bottom_right
         for p in block_pieces(qs, ks, qs.n, ks.n, causal=True, bottom_right=bottom_right):
-            assert p.kind != "causal" or bottom_right or p.q1 - p.q0 == p.k1 - p.k0
+            assert p.kind != "causal" or bottom_right or p.n_q == p.n_k
 
 
 # ---------------------------------------------------------------- (e) the decomposition itself
@@ -257,11 +256,21 @@ def test_block_pieces_classify_pairs_without_tensors():
     # queries past the keys: a causal part and a fully visible tail
     assert block_pieces(Span(0, 1, 8), Span(0, 1, 3), 8, 3, causal=True) == [
         Piece(0, 3, 0, 3, "causal"), Piece(3, 8, 0, 3, "full")]
-    # different steps (2x3 grid): explicit mask on the staircase, unmasked tail
-    ps = block_pieces(Span(1, 2, 12), Span(0, 3, 8), 12, 8, causal=True)
-    assert [p.kind for p in ps] == ["mask", "full"] and ps[0].q_span == Span(1, 2, ps[0].q1)
-    assert torch.equal(ps[0].mask(), visible_of(Span(1, 2, 12), Span(0, 3, 8))[ps[0].q0:ps[0].q1, :ps[0].k1])
-    assert visible_of(Span(1, 2, 12), Span(0, 3, 8))[ps[1].q0:].all()
+    # different steps (2x3 grid): re-strided to step 6, strided causal/full pieces, no mask (no masked-out rectangle)
+    qs, ks = Span(1, 2, 12), Span(0, 3, 8)
+    ps = block_pieces(qs, ks, 12, 8, causal=True)
+    assert {p.kind for p in ps} <= {"causal", "full"} and {(p.q_stride, p.k_stride) for p in ps} == {(3, 2)}
+    assert _visible_pairs(ps) == _true_pairs(qs, ks)
+    for bottom_right in (True, False):  # top-left backends get square causal pieces only
+        ps = block_pieces(Span(0, 3, 10), Span(1, 2, 15), 10, 15, causal=True, bottom_right=bottom_right)
+        assert _visible_pairs(ps) == _true_pairs(Span(0, 3, 10), Span(1, 2, 15))
+        assert all(p.kind != "causal" or bottom_right or p.n_q == p.n_k for p in ps)
+    # steps 7 and 11 would need 77 sub-span pairs (> MAX_RESTRIDE_PAIRS): explicit mask on the staircase instead
+    qs, ks = Span(1, 7, 30), Span(0, 11, 20)
+    ps = block_pieces(qs, ks, 30, 20, causal=True)
+    assert ps[0].kind == "mask" and ps[0].q_span == Span(1, 7, ps[0].q1)
+    assert torch.equal(ps[0].mask(), visible_of(qs, ks)[ps[0].q0:ps[0].q1, :ps[0].k1])
+    assert _visible_pairs(ps) == _true_pairs(qs, ks)
     # zigzag pair: 4 span pairs, two fully masked (no call), two fully visible
     ps = block_pieces((Span(0, 1, 4), Span(12, 1, 4)), (Span(4, 1, 4), Span(8, 1, 4)), 8, 8, causal=True)
     assert ps == [Piece(4, 8, 0, 4, "full"), Piece(4, 8, 4, 8, "full")]
@@ -269,6 +278,23 @@ def test_block_pieces_classify_pairs_without_tensors():
 
 def visible_of(qs, ks):
     return _pos(ks)[None, :] <= _pos(qs)[:, None]
+
+
+def _true_pairs(qs, ks):
+    """(row, key) index pairs of the block that causality makes visible."""
+    return {tuple(x) for x in visible_of(qs, ks).nonzero().tolist()}
+
+
+def _visible_pairs(pieces):
+    """(row, key) index pairs the pieces treat as visible; asserts no pair is computed twice."""
+    seen = []
+    for p in pieces:
+        rows, keys = range(p.q0, p.q1, p.q_stride), range(p.k0, p.k1, p.k_stride)
+        vis = (p.mask() if p.kind == "mask" else torch.ones(p.n_q, p.n_k, dtype=torch.bool).tril(p.n_k - p.n_q)
+               if p.kind == "causal" else torch.ones(p.n_q, p.n_k, dtype=torch.bool))
+        seen += [(rows[i], keys[j]) for i, j in vis.nonzero().tolist()]
+    assert len(seen) == len(set(seen)), "a (row, key) pair is computed by two pieces"
+    return set(seen)
 
 
 def test_fully_masked_pair_makes_no_backend_call(monkeypatch):
@@ -388,7 +414,7 @@ def test_auto_routes_masked_pieces_apart_from_dense_ones(monkeypatch):
     monkeypatch.setitem(backends.BACKENDS, "cpu_flash", backends.Backend(
         "cpu_flash", bad_masks, good.backward, good.applies, False, True, True))
     q, k, v, _ = _qkv(torch.float32, 64)
-    qs, ks = Span(1, 2, 12), Span(0, 3, 8)  # 2x3 grid block: an explicit-mask piece and an unmasked tail
+    qs, ks = Span(1, 7, 12), Span(0, 11, 8)  # steps 7, 11 (not re-strided): an explicit-mask piece, an unmasked tail
     with pytest.warns(RuntimeWarning, match="skipped cpu_flash \\(lse differs"):
         out, lse = attn_forward(q[:, :12], k[:, :8], v[:, :8], causal=True, q_pos=qs, k_pos=ks)
     want_o, want_l = _ref_block(q[:, :12], k[:, :8], v[:, :8], _pos(qs), _pos(ks))
@@ -467,3 +493,31 @@ def test_bench_kernels_script_runs_and_checks(tmp_path):
     assert all(r["max_rel_err"] < 1e-5 for r in rows[:2])
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(lines) == 3 and lines[0]["block"] == "2,3,0,1" and lines[0]["kind"] == "bench_kernels"
+
+
+# ---------------------------------------------------------------- backward from delta instead of out
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_from_delta_equals_backward_from_out(backend, dtype):
+    """Attention2D gathers delta = rowsum(dO * O) instead of O: the stand-in out' must give the same gradients,
+    also for a zero dout row (delta 0) and a row of tiny dout (1e-30: its norm would underflow unscaled)."""
+    q, k, v, dout = _qkv(dtype, 80, seed=7)
+    dout[0, 3] = 0
+    dout[1, 5, 1] = dout[1, 5, 1] * 1e-30 if dtype != torch.bfloat16 else dout[1, 5, 1] * 1e-20
+    q64, k64, v64 = (_leaf(t) for t in (q, k, v))
+    ref, _ = reference_attention(q64, k64, v64, causal=True)
+    ref.backward(dout.double())
+    out, lse = attn_forward(q, k, v, causal=True, backend=backend)
+    delta = (dout.to(lse.dtype) * out.to(dout.dtype).to(lse.dtype)).sum(-1).transpose(1, 2)  # (B, H, N)
+    stand_in = kernels.out_for_delta(dout, delta)
+    assert torch.allclose((dout.to(lse.dtype) * stand_in).sum(-1).transpose(1, 2), delta, rtol=1e-5, atol=0)
+    assert stand_in[0, 3].abs().max() == 0
+    assert stand_in.norm(dim=-1).le(out.to(lse.dtype).norm(dim=-1) * (1 + 1e-5)).all()  # |out'| <= |O|
+    got = attn_backward(dout, q, k, v, None, lse, causal=True, backend=backend, delta=delta)
+    for g, want, name in zip(got, (q64.grad, k64.grad, v64.grad), ("dq", "dk", "dv")):
+        _close(g, want, dtype, f"{name} from delta")
+        tiny = want[1, 5, 1].abs().max().item()  # the tiny row's dq keeps its magnitude (not flushed to 0)
+        if name == "dq" and dtype != torch.bfloat16:
+            assert abs(g[1, 5, 1].double() - want[1, 5, 1]).max().item() <= 1e-3 * tiny, name
+    with pytest.raises(ValueError, match=r"out=None needs delta of shape \(B, H, Lq\) = \(2, 3, 24\), got None"):
+        attn_backward(dout, q, k, v, None, lse, causal=True, backend=backend)

@@ -8,8 +8,9 @@ A step is priced from three parts, every assumption a number in one hardware pro
     each block call is split into backend pieces exactly as attn2d.attention.kernels.block_pieces splits it
     (unmasked, causal, or explicit-mask pieces, fully masked ones skipped). A piece costs
     `attn_call_overhead_s` + flops / rate; a causal piece skips the fraction `attn_causal_skip` of its masked
-    pairs (1 for FlashAttention's tile skipping); an explicit-mask piece (staircase masks of non-square grids and
-    of Attention2D-O's Alg. 6) runs the full block at the mask-capable kernel's rate. A step costs what its
+    pairs (1 for FlashAttention's tile skipping); an explicit-mask piece (the staircase of a non-square grid whose
+    steps the kernel layer does not re-stride, see kernels.MAX_RESTRIDE_PAIRS) runs the full block at the
+    mask-capable kernel's rate. A step costs what its
     slowest rank computes, so causal halving and load balance (zigzag vs contiguous ring, cyclic 2-D layout)
     follow from the layouts. The rest of the model costs 6 x (matmul parameters) x tokens FLOPs (8 x with
     activation checkpointing, which also replays the attention forward and its communication), divided over the
@@ -59,6 +60,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from attn2d.distributed.comm import CommOp
+from attn2d.model import GPTConfig
 
 ALGORITHMS = ("local", "ring", "ring_contiguous", "attn2d", "attn2d_overlap")
 DTYPE_BYTES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp32": 4, "float32": 4, "fp64": 8, "float64": 8}
@@ -236,56 +238,34 @@ def hardware_from_dict(d: dict, name: str | None = None) -> Hardware:
     )
 
 
-def load_hardware(name_or_path: str | os.PathLike, gpus_per_node: int | None = None) -> Hardware:
-    """Load conf/hardware/NAME.yaml (or a path); `gpus_per_node` overrides the profile's."""
+def _load_conf(group: str, name_or_path: str | os.PathLike, what: str) -> tuple[str, dict]:
+    """conf/GROUP/NAME.yaml (or a path to a .yaml) -> (its name: field or file stem, its dict)."""
     import yaml
 
     p = Path(name_or_path)
     if not p.suffix:
-        p = repo_root() / "conf" / "hardware" / f"{name_or_path}.yaml"
+        p = repo_root() / "conf" / group / f"{name_or_path}.yaml"
     if not p.is_file():
-        known = sorted(x.stem for x in (repo_root() / "conf" / "hardware").glob("*.yaml"))
-        raise FileNotFoundError(f"hardware profile {str(name_or_path)!r} not found at {p}; known: {', '.join(known)}")
+        known = sorted(x.stem for x in (repo_root() / "conf" / group).glob("*.yaml"))
+        raise FileNotFoundError(f"{what} {str(name_or_path)!r} not found at {p}; known: {', '.join(known) or 'none'}")
     with open(p) as f:
-        d = yaml.safe_load(f)
-    hw = hardware_from_dict(d, name=d.get("name", p.stem))
+        d = yaml.safe_load(f) or {}
+    return str(d.get("name", p.stem)), d
+
+
+def load_hardware(name_or_path: str | os.PathLike, gpus_per_node: int | None = None) -> Hardware:
+    """Load conf/hardware/NAME.yaml (or a path); `gpus_per_node` overrides the profile's."""
+    name, d = _load_conf("hardware", name_or_path, "hardware profile")
+    hw = hardware_from_dict(d, name=name)
     return replace(hw, gpus_per_node=gpus_per_node) if gpus_per_node else hw
 
 
 # ============================================================================================== model shape
 @dataclass(frozen=True)
-class ModelShape:
-    """What the cost model needs of a GPT-3-like model (attn2d.model.GPTConfig fields)."""
+class ModelShape(GPTConfig):
+    """What the cost model needs of a GPT-3-like model: its attn2d.model.GPTConfig (shape, n_params) and a name."""
 
-    n_layer: int
-    d_model: int
-    n_head: int
-    vocab_size: int
-    head_dim: int | None = None
-    mlp_ratio: int = 4
-    positions: str = "rotary"
-    max_seq_len: int | None = None
     name: str = ""
-
-    @property
-    def d_head(self) -> int:
-        return self.head_dim if self.head_dim is not None else self.d_model // self.n_head
-
-    @property
-    def d_attn(self) -> int:
-        return self.n_head * self.d_head
-
-    def n_params(self) -> int:
-        """Parameters of attn2d.model.GPT (tied embeddings counted once), by construction of its modules."""
-        d, a, f = self.d_model, self.d_attn, self.mlp_ratio * self.d_model
-        block = (d * 3 * a + 3 * a) + (a * d + d) + (d * f + f) + (f * d + d) + 2 * 2 * d  # qkv, proj, mlp, 2 LN
-        wpe = (self.max_seq_len or 0) * d if self.positions == "learned" else 0
-        return self.n_layer * block + self.vocab_size * d + wpe + 2 * d  # + token table (= lm_head) + ln_f
-
-    def matmul_params(self) -> int:
-        """Parameters that take part in a matmul per token (all but the position table; lm_head counts)."""
-        wpe = (self.max_seq_len or 0) * self.d_model if self.positions == "learned" else 0
-        return self.n_params() - wpe
 
 
 MODEL_KEYS = ("n_layer", "d_model", "n_head", "vocab_size", "head_dim", "mlp_ratio", "positions", "max_seq_len")
@@ -298,17 +278,8 @@ def model_from_dict(d: dict, name: str = "") -> ModelShape:
 
 def load_model(name_or_path: str | os.PathLike) -> ModelShape:
     """conf/model/NAME.yaml (written by the training code's owner) -> ModelShape."""
-    import yaml
-
-    p = Path(name_or_path)
-    if not p.suffix:
-        p = repo_root() / "conf" / "model" / f"{name_or_path}.yaml"
-    if not p.is_file():
-        known = sorted(x.stem for x in (repo_root() / "conf" / "model").glob("*.yaml"))
-        raise FileNotFoundError(f"model config {str(name_or_path)!r} not found at {p}; known: {', '.join(known) or 'none'}")
-    with open(p) as f:
-        d = yaml.safe_load(f) or {}
-    return model_from_dict(d, name=d.get("name", p.stem))
+    name, d = _load_conf("model", name_or_path, "model config")
+    return model_from_dict(d, name=name)
 
 
 @dataclass(frozen=True)
@@ -472,7 +443,7 @@ def attention_schedule(algorithm: str, seq_len: int, rows: int, cols: int) -> li
     - ring (zigzag layout) / ring_contiguous: P steps; at step s rank i holds the K/V of rank (i - s) mod P.
     - attn2d (Alg. 1 L4): one call, queries == r (mod rows) against keys == c (mod cols).
     - attn2d_overlap: Alg. 5, `rows` steps of the own q_p against the arriving K/V block of grid row r' (positions
-      c + r'*cols + jP), then Alg. 6, cols - 1 steps of the Q block of p(r, c+i) against k_g (a staircase mask)."""
+      c + r'*cols + jP), then Alg. 6, cols - 1 steps of the Q block of p(r, c+i) against k_g (a staircase: R offset-causal pieces)."""
     from attn2d.attention.layout import Span, layout_spans
 
     P = rows * cols
@@ -512,7 +483,7 @@ def call_work(call: Call, causal: bool, bottom_right: bool = True) -> tuple[int,
     pieces = block_pieces(qs, ks, nq, nk, causal=causal, bottom_right=bottom_right)
     dense = masked = mask = 0
     for p in pieces:
-        lq, lk = p.q1 - p.q0, p.k1 - p.k0
+        lq, lk = p.n_q, p.n_k
         if p.kind == "full":
             dense += lq * lk
         elif p.kind == "causal":  # bottom-right: row i sees lk - lq + i + 1 keys

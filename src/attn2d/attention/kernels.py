@@ -16,7 +16,10 @@ every (q span, k span) pair is fully masked (skipped: no call), fully visible (o
 tail. With equal steps the offset-causal part is exactly a bottom-right causal call (Lk = Lq + d; the stripe trick
 "q[1:] vs k[:-1]" is the case d = 0 after dropping row 0); backends whose causal flag is top-left get it as an
 unmasked call on the first d keys plus a square causal call. Different steps (cyclic layouts of non-square grids,
-e.g. q step 2, k step 3) get an explicit boolean mask. Rows met by several pieces are merged with merge_partials;
+e.g. q step 2, k step 3) are re-strided to lcm(steps): strided sub-spans of rows and keys with equal steps, each
+pair offset-causal (`_restrided_pieces`), so no mask and half the rectangle's work; an explicit boolean mask is
+left only for pairs that would need more than MAX_RESTRIDE_PAIRS sub-span pairs. Rows met by several pieces are
+merged with merge_partials;
 the backward runs the same pieces and sums dq over them. Non-causal blocks are one unmasked call.
 
 Backends (backends.py): "math" (materialises scores; everywhere-correct, fp64), "cpu_flash", "cuda_flash",
@@ -62,9 +65,11 @@ def visible_mask(q_pos: Spans | Span | None, k_pos: Spans | Span | None, n_q: in
 # ---------------------------------------------------------------- span-pair decomposition (no tensors)
 @dataclass(frozen=True)
 class Piece:
-    """One backend call: block query rows [q0, q1) against block keys [k0, k1).
-    kind "full": every key visible; "causal": key j visible to row i iff j <= i + (k1-k0) - (q1-q0) (bottom-right,
-    k1-k0 >= q1-q0); "mask": visible iff position of key <= position of query, from q_span / k_span."""
+    """One backend call: block query rows q0, q0 + q_stride, ... (< q1) against block keys k0, k0 + k_stride, ...
+    (< k1); strides are 1 except for re-strided pairs (`_restrided_pieces`).
+    kind "full": every key visible; "causal": key j visible to row i iff j <= i + n_k - n_q (bottom-right,
+    n_k >= n_q, counted in the piece's own rows and keys); "mask": visible iff position of key <= position of
+    query, from q_span / k_span."""
 
     q0: int
     q1: int
@@ -73,9 +78,27 @@ class Piece:
     kind: str
     q_span: Span | None = None
     k_span: Span | None = None
+    q_stride: int = 1
+    k_stride: int = 1
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.q0, self.q1, self.q_stride)
+
+    @property
+    def keys(self) -> slice:
+        return slice(self.k0, self.k1, self.k_stride)
+
+    @property
+    def n_q(self) -> int:
+        return len(range(self.q0, self.q1, self.q_stride))
+
+    @property
+    def n_k(self) -> int:
+        return len(range(self.k0, self.k1, self.k_stride))
 
     def mask(self, device=None) -> torch.Tensor:
-        return visible_mask(self.q_span, self.k_span, self.q1 - self.q0, self.k1 - self.k0, device)
+        return visible_mask(self.q_span, self.k_span, self.n_q, self.n_k, device)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -128,34 +151,65 @@ def block_pieces(q_pos, k_pos, n_q: int, n_k: int, *, causal: bool, bottom_right
     for Q in _norm_spans(q_pos, n_q):
         ko = 0
         for K in _norm_spans(k_pos, n_k):
-            pieces += _pair_pieces(Q, K, qo, ko, bottom_right)
+            restrided = _restrided_pieces(Q, K, qo, ko, bottom_right)
+            pieces += restrided if restrided is not None else _pair_pieces(Q, K, qo, ko, bottom_right)
             ko += K.n
         qo += Q.n
     return pieces
+
+
+MAX_RESTRIDE_PAIRS = 64  # above this many sub-span pairs, an explicit mask is cheaper than the many small calls
+
+
+def _restrided_pieces(Q: Span, K: Span, qo: int, ko: int, bottom_right: bool) -> list[Piece] | None:
+    """Causal pieces of a pair with different positive steps (the cyclic layouts of a non-square grid, e.g. q step
+    2 against k step 3), or None to leave the pair to `_pair_pieces` (an explicit mask over the staircase).
+
+    With L = lcm(q step, k step), every (L / q step)-th row of Q is a span of step L, and so is every (L / k step)-th
+    key of K: each pair of such sub-spans has equal steps, so it is offset-causal (no mask), and the pieces cover
+    only the causal triangle instead of the whole rectangle (about half the work). The sub-spans are strided rows
+    and keys of the block (Piece.q_stride, k_stride): no copy."""
+    if Q.n < 2 or K.n < 2 or Q.step <= 0 or K.step <= 0 or Q.step == K.step:
+        return None
+    if min(Q.start, Q.last) >= max(K.start, K.last) or min(K.start, K.last) > max(Q.start, Q.last):
+        return None  # fully visible or fully masked: _pair_pieces makes it one call or none
+    L = math.lcm(Q.step, K.step)
+    sq, sk = L // Q.step, L // K.step
+    if sq * sk > MAX_RESTRIDE_PAIRS:
+        return None
+    out = []
+    for i in range(min(sq, Q.n)):
+        Qi = Span(Q.start + i * Q.step, L, len(range(i, Q.n, sq)))  # rows i, i + sq, ... of Q
+        for j in range(min(sk, K.n)):
+            Kj = Span(K.start + j * K.step, L, len(range(j, K.n, sk)))  # keys j, j + sk, ... of K
+            for p in _pair_pieces(Qi, Kj, 0, 0, bottom_right):
+                out.append(Piece(qo + i + sq * p.q0, qo + i + sq * p.q1, ko + j + sk * p.k0, ko + j + sk * p.k1,
+                                 p.kind, q_stride=sq, k_stride=sk))
+    return out
 
 
 # ---------------------------------------------------------------- running the pieces
 def _forward_pieces(q, k, v, pieces, scale, impl, mask_impl):
     acc = acc_dtype(q.dtype)
     b, n_q, h, d = q.shape
-    if len(pieces) == 1 and (pieces[0].q0, pieces[0].q1) == (0, n_q):
+    if len(pieces) == 1 and pieces[0].n_q == n_q:
         p = pieces[0]
         o, l = (mask_impl if p.kind == "mask" else impl).forward(
-            q, k[:, p.k0:p.k1], v[:, p.k0:p.k1], scale=scale, causal=p.kind == "causal",
+            q, k[:, p.keys], v[:, p.keys], scale=scale, causal=p.kind == "causal",
             mask=p.mask(q.device) if p.kind == "mask" else None)
         return o.to(q.dtype), l.to(acc)
     out = torch.zeros(b, n_q, h, d, dtype=acc, device=q.device)  # (B, Lq, H, D)
     lse = torch.full((b, h, n_q), -math.inf, dtype=acc, device=q.device)  # (B, H, Lq)
-    covered: list[tuple[int, int]] = []
+    covered = [False] * n_q  # rows some piece has written already
     for p in pieces:
         o, l = (mask_impl if p.kind == "mask" else impl).forward(
-            q[:, p.q0:p.q1], k[:, p.k0:p.k1], v[:, p.k0:p.k1], scale=scale, causal=p.kind == "causal",
+            q[:, p.rows], k[:, p.keys], v[:, p.keys], scale=scale, causal=p.kind == "causal",
             mask=p.mask(q.device) if p.kind == "mask" else None)
-        if any(c0 < p.q1 and p.q0 < c1 for c0, c1 in covered):  # rows already met by another piece: merge
-            o, l = merge_partials([out[:, p.q0:p.q1], o], [lse[:, :, p.q0:p.q1], l])
-        out[:, p.q0:p.q1] = o
-        lse[:, :, p.q0:p.q1] = l
-        covered.append((p.q0, p.q1))
+        if any(covered[p.rows]):  # rows already met by another piece: merge
+            o, l = merge_partials([out[:, p.rows], o], [lse[:, :, p.rows], l])
+        out[:, p.rows] = o
+        lse[:, :, p.rows] = l
+        covered[p.rows] = [True] * p.n_q
     return out.to(q.dtype), lse
 
 
@@ -166,7 +220,7 @@ def _backward_pieces(dout, q, k, v, out, lse, pieces, scale, impl, mask_impl):
     dk = torch.zeros(k.shape, dtype=acc, device=q.device)  # (B, Lk, H, D)
     dv = torch.zeros(v.shape, dtype=acc, device=q.device)
     for p in pieces:
-        rows, keys = slice(p.q0, p.q1), slice(p.k0, p.k1)
+        rows, keys = p.rows, p.keys
         g = (mask_impl if p.kind == "mask" else impl).backward(
             dout[:, rows], q[:, rows], k[:, keys], v[:, keys], out[:, rows], lse[:, :, rows], scale=scale,
             causal=p.kind == "causal", mask=p.mask(q.device) if p.kind == "mask" else None)
@@ -192,11 +246,12 @@ def _tol(dtype: torch.dtype) -> float:
 
 
 def _self_check_cases(mask: bool):
-    if mask:  # different steps: explicit-mask pieces (rows 0.. see the first keys of a staircase) + unmasked tail
-        return [(True, Span(1, 2, 5), Span(0, 3, 4), 5, 4), (True, Span(0, 3, 6), Span(1, 2, 7), 6, 7)]
+    if mask:  # steps 7 and 11 (too many sub-span pairs to re-stride): explicit-mask staircase (+ unmasked tail)
+        return [(True, Span(1, 7, 5), Span(0, 11, 4), 5, 4), (True, Span(0, 11, 6), Span(1, 7, 7), 6, 7)]
     return [(False, None, None, 7, 5),  # non-square, unmasked
             (True, None, None, 6, 6),  # square causal
-            (True, (Span(0, 1, 4), Span(12, 1, 3)), (Span(2, 1, 5), Span(9, 1, 4)), 7, 9)]  # empty rows, offsets
+            (True, (Span(0, 1, 4), Span(12, 1, 3)), (Span(2, 1, 5), Span(9, 1, 4)), 7, 9),  # empty rows, offsets
+            (True, Span(1, 2, 7), Span(0, 3, 5), 7, 5)]  # steps 2, 3: re-strided, pieces on strided rows and keys
 
 
 def _compare_with_math(name: str, device: torch.device, dtype: torch.dtype, head_dim: int, mask: bool):
@@ -305,13 +360,38 @@ def attn_forward(q, k, v, *, causal: bool, q_pos=None, k_pos=None, scale: float 
     return _forward_pieces(q, k, v, pieces, scale, impl, mask_impl)
 
 
+def out_for_delta(dout: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """A stand-in for `out` (B, Lq, H, D) with rowsum(dout * out) = delta (B, H, Lq), in the accumulation dtype.
+
+    The block backward uses out only through delta = rowsum(dO * O) (dS = P * (dP - delta)), and every kernel API
+    takes out and forms delta itself. A caller that holds delta but not out (Attention2D's backward gathers the
+    scalar delta instead of the D-wide out) passes out' = dO_hat * delta / (m |dO_hat|^2) with dO_hat = dO / m,
+    m = max |dO| of the row (scaled so |dO_hat|^2 >= 1 cannot underflow). Every term dO_i out'_i has the sign of
+    delta, so rounding out' to a half dtype perturbs delta by at most that dtype's relative precision (no
+    cancellation). |out'| <= |O| (Cauchy-Schwarz), so out' cannot overflow where O does not. A row with dO = 0 has
+    delta = 0 and gets out' = 0."""
+    d = dout.to(acc_dtype(dout.dtype))  # (B, Lq, H, D)
+    m = d.abs().amax(-1)  # (B, Lq, H)
+    u = d / torch.where(m > 0, m, 1.0).unsqueeze(-1)  # (B, Lq, H, D), max |u| = 1 per nonzero row
+    coef = torch.where(m > 0, delta.to(d.dtype).transpose(1, 2) / (m * u.square().sum(-1)).clamp_min(1e-300), 0.0)
+    return u * coef.unsqueeze(-1)  # (B, Lq, H, D)
+
+
 def attn_backward(dout, q, k, v, out, lse, *, causal: bool, q_pos=None, k_pos=None, scale: float | None = None,
-                  backend: str = "auto"):
-    """This block's (dq, dk, dv) given the global out/lse of its query rows (accumulation dtype)."""
+                  backend: str = "auto", delta=None):
+    """This block's (dq, dk, dv) given the global out/lse of its query rows (accumulation dtype).
+
+    Instead of out, a caller may pass out=None and delta = rowsum(dout * out) (B, H, Lq) of the global out."""
     _check(q, k, v)
-    if dout.shape != q.shape or out.shape != q.shape or lse.shape != (q.shape[0], q.shape[2], q.shape[1]):
+    lse_shape = (q.shape[0], q.shape[2], q.shape[1])  # (B, H, Lq)
+    if out is None:
+        if delta is None or delta.shape != lse_shape:
+            raise ValueError(f"out=None needs delta of shape (B, H, Lq) = {lse_shape}, got "
+                             f"{None if delta is None else tuple(delta.shape)}")
+        out = out_for_delta(dout, delta)
+    if dout.shape != q.shape or out.shape != q.shape or lse.shape != lse_shape:
         raise ValueError(f"dout {tuple(dout.shape)} and out {tuple(out.shape)} must be q's shape {tuple(q.shape)}, "
-                         f"lse {tuple(lse.shape)} must be (B, H, Lq) = {(q.shape[0], q.shape[2], q.shape[1])}")
+                         f"lse {tuple(lse.shape)} must be (B, H, Lq) = {lse_shape}")
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     pieces, impl, mask_impl = _plan(q, k, causal, q_pos, k_pos, backend)
     return _backward_pieces(dout, q, k, v, out, lse, pieces, scale, impl, mask_impl)
