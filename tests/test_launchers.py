@@ -153,9 +153,12 @@ def test_one_local_sweep_runs_each_grid_with_its_own_world(tmp_path):
            f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${grid.rows}x${grid.cols}"]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    recs = {}
     for grid, world in (("1x2", 2), ("2x2", 4)):
-        rec = read_record(sweep / grid / "metrics.jsonl")
+        rec = recs[grid] = read_record(sweep / grid / "metrics.jsonl")
         assert rec.ok and rec.cell["world_size"] == world, rec.cell
+    # the local launcher runs the points one after the other (second-resolution timestamps: <=, not <)
+    assert recs["1x2"].end["finished_at"] <= recs["2x2"].header["started_at"], (recs["1x2"].end, recs["2x2"].header)
 
 
 @pytest.mark.parametrize("profile", ["local", "slurm"])

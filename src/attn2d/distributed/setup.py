@@ -9,6 +9,7 @@ import datetime
 import os
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -26,18 +27,26 @@ class DistInfo:
     device: torch.device
 
 
-def _submitit_env() -> bool:
-    """If running as a submitit task with several tasks, export RANK/WORLD_SIZE/MASTER_* and return True."""
+def _submitit_env() -> str | None:
+    """If running as a submitit task with several tasks: export RANK/WORLD_SIZE/MASTER_* and return the init
+    method, else None. Slurm: env:// (TCP on the port submitit derives from the job id). submitit's local executor
+    (one machine): a file:// rendezvous in the job's own submitit folder, so no port can be taken already
+    (a random port once failed here with EADDRINUSE, and the other ranks then waited for the collective timeout).
+    torch's FileStore deletes the file when every rank has closed it."""
     try:
         import submitit
 
         env = submitit.JobEnvironment()
     except (ImportError, RuntimeError):
-        return False
+        return None
     if env.num_tasks <= 1:
-        return False
+        return None
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-    return True
+    if env.cluster == "local":
+        folder = Path(env.paths.folder).resolve()
+        folder.mkdir(parents=True, exist_ok=True)
+        return f"file://{folder / f'{env.job_id}_rendezvous'}"
+    return "env://"
 
 
 def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S, device: str = "auto") -> DistInfo:
@@ -45,7 +54,8 @@ def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIME
 
     device: "auto" (cuda:local_rank if CUDA is available, else cpu), "cpu" or "cuda"."""
     launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else "plain"
-    if "RANK" not in os.environ and _submitit_env():
+    init_method = _submitit_env() if "RANK" not in os.environ else None
+    if init_method:
         launcher = "submitit"
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
     if use_cuda and not torch.cuda.is_available():
@@ -57,7 +67,10 @@ def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIME
         torch.cuda.set_device(dev)  # before the first collective (NCCL picks the device from it)
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=timeout_s)
-        if "RANK" in os.environ:
+        if init_method and init_method.startswith("file://"):
+            dist.init_process_group(backend, init_method=init_method, rank=int(os.environ["RANK"]),
+                                    world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
+        elif "RANK" in os.environ:
             dist.init_process_group(backend, timeout=timeout)
         else:  # plain python, one process: a private file store, so no port is needed
             path = tempfile.mktemp(prefix="attn2d-pg-")
