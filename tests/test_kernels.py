@@ -386,7 +386,9 @@ def test_cuda_adapters_bind_to_torch_op_schemas(name):
     impl = backends.BACKENDS[name]
     mask_impl = impl if impl.supports_mask else backends.BACKENDS["cuda_efficient"]
     for q_pos, k_pos, n_q, n_k in (((Span(0, 1, 4), Span(12, 1, 4)), (Span(2, 1, 5), Span(9, 1, 4)), 8, 9),
-                                   (Span(1, 2, 6), Span(0, 3, 4), 6, 4), (Span(2, 1, 4), Span(0, 1, 8), 4, 8)):
+                                   (Span(1, 2, 6), Span(0, 3, 4), 6, 4),  # re-strided: strided row/key views
+                                   (Span(1, 7, 5), Span(0, 11, 4), 5, 4),  # explicit mask
+                                   (Span(2, 1, 4), Span(0, 1, 8), 4, 8)):
         q = torch.empty(B, n_q, H, 80, device="meta", dtype=torch.bfloat16)
         k = torch.empty(B, n_k, H, 80, device="meta", dtype=torch.bfloat16)
         pieces = block_pieces(q_pos, k_pos, n_q, n_k, causal=True, bottom_right=impl.causal_bottom_right)
