@@ -194,3 +194,23 @@ def test_a_jobs_command_and_header_do_not_depend_on_the_selection():
             assert other.command(twin) == alone.command(job)
             assert other.job_info(twin) == alone.job_info(job)
             assert alone.job_info(job)["experiment"] == "a100_speedup"
+
+
+def test_gpu_check_script_commands_compose_and_validate():
+    """benchmarks/gpu_checks.sh (for users with a GPU; never run here): its training commands compose and
+    validate, and the 760M run takes its MFU peak from the H100 profile."""
+    import shlex
+
+    from attn2d.config import compose
+
+    text = (CONF_DIR.parent / "benchmarks" / "gpu_checks.sh").read_text().replace("\\\n", " ")
+    runs = [shlex.split(line.replace('"$hw"', "h100_1gpn").replace('"$out', '"/tmp/x'))[3:]
+            for line in text.splitlines() if line.startswith("python -m attn2d.train")]
+    assert len(runs) == 2, runs
+    for overrides in runs:
+        cfg = compose([o for o in overrides if not o.startswith("hydra.")])
+        validate(cfg)
+        assert cfg.benchmark.device == "cuda" and cfg.benchmark.dtype == "bfloat16", overrides
+    big = compose([o for o in runs[1] if not o.startswith("hydra.")])
+    assert (big.model.name, big.benchmark.seq_len, big.grid.rows * big.grid.cols) == ("gpt3_760m", 8192, 1)
+    assert big.benchmark.peak_tflops == 989.0
