@@ -24,7 +24,8 @@ from omegaconf import OmegaConf
 from attn2d.config import ConfigError, compose, validate
 from attn2d.distributed import ProcessGrid, comm, count_comm
 from attn2d.testing import run_distributed
-from attn2d.train import (SequenceParallel, build_model, full_parameters, make_optimizer,
+from attn2d.distributed.fsdp_counter import fsdp_counting_supported
+from attn2d.train import (SequenceParallel, build_model, fsdp_comm, fsdp_units, full_parameters, make_optimizer,
                           synthetic_batch, train_step)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -182,6 +183,21 @@ def test_gradient_all_reduce_is_counted(distributed_results):
                                                      "bytes_received": 2 * 3 * 4 * n_params // 4, "messages": 6}
         fsdp_stats = res["gather_cyclic_2x2_fsdp_ckpt"][2]
         assert "grad_all_reduce" not in fsdp_stats["by_op"]  # FSDP reduce-scatters inside backward instead
+
+
+def test_fsdp_collectives_are_counted_and_match_the_analytic_volume(distributed_results):
+    """FSDP2's own all-gathers and reduce-scatters are counted (fsdp_counter) and equal, byte for byte, the
+    analytic per-unit volume of attn2d.train.fsdp_comm (fp32, 4 ranks; tiny's parameter counts divide by 4, so
+    FSDP adds no padding): blocks gathered in forward and again in backward, the root once, one reduce-scatter
+    of every unit's gradients."""
+    assert fsdp_counting_supported()
+    settings = _settings("local", 1, 1, [], [], 1)
+    units = fsdp_units(build_model(settings, SequenceParallel("local"), torch.device("cpu")))
+    want = {op: {"bytes_sent": sent, "bytes_received": recv, "messages": msgs}
+            for op, sent, recv, msgs in fsdp_comm(units, 4, 4, 4)}
+    for res in distributed_results:
+        by_op = res["gather_cyclic_2x2_fsdp_ckpt"][2]["by_op"]
+        assert {k: v for k, v in by_op.items() if k.startswith("fsdp_")} == want
 
 
 def test_comm_all_reduce_sums_and_counts(distributed_results):
