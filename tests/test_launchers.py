@@ -225,6 +225,19 @@ def test_readme_set_up_commands_are_what_ci_runs():
     assert where == sorted(where), "the README's set-up steps run in another order in .ci/run"
 
 
+def test_gpu_smoke_ci_is_wired_and_parses():
+    """.ci/gpu-smoke (for a self-hosted GPU runner; cannot run here): valid bash, run by the GitHub workflow, and it
+    runs the smoke experiment, the kernel self-checks and the README's test command."""
+    script = REPO / ".ci" / "gpu-smoke"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    text = script.read_text()
+    assert "attn2d.train experiment=smoke_gpu" in text and "benchmarks/bench_kernels.py --device cuda" in text
+    assert "\n.venv/bin/python -m pytest -q\n" in text
+    workflow = yaml.safe_load((REPO / ".github" / "workflows" / "gpu-smoke.yml").read_text())
+    (job,) = workflow["jobs"].values()
+    assert "gpu" in job["runs-on"] and any(step.get("run") == "bash .ci/gpu-smoke" for step in job["steps"])
+
+
 def test_readme_describes_every_figure_the_experiments_draw():
     readme = (REPO / "README.md").read_text()
     for f in sorted((CONF / "experiment").glob("*.yaml")):
