@@ -512,9 +512,11 @@ def test_backward_from_delta_equals_backward_from_out(backend, dtype):
     out, lse = attn_forward(q, k, v, causal=True, backend=backend)
     delta = (dout.to(lse.dtype) * out.to(dout.dtype).to(lse.dtype)).sum(-1).transpose(1, 2)  # (B, H, N)
     stand_in = kernels.out_for_delta(dout, delta)
-    assert torch.allclose((dout.to(lse.dtype) * stand_in).sum(-1).transpose(1, 2), delta, rtol=1e-5, atol=0)
+    rtol = 2.0 ** -7 if dtype == torch.bfloat16 else 1e-5  # bf16 out' moves delta by < 2^-8 (no cancellation)
+    got_delta = (dout.to(lse.dtype) * stand_in.to(lse.dtype)).sum(-1).transpose(1, 2)
+    assert stand_in.dtype == dtype and torch.allclose(got_delta, delta, rtol=rtol, atol=0)
     assert stand_in[0, 3].abs().max() == 0
-    assert stand_in.norm(dim=-1).le(out.to(lse.dtype).norm(dim=-1) * (1 + 1e-5)).all()  # |out'| <= |O|
+    assert stand_in.to(lse.dtype).norm(dim=-1).le(out.to(lse.dtype).norm(dim=-1) * (1 + rtol)).all()  # |out'| <= |O|
     got = attn_backward(dout, q, k, v, None, lse, causal=True, backend=backend, delta=delta)
     for g, want, name in zip(got, (q64.grad, k64.grad, v64.grad), ("dq", "dk", "dv")):
         _close(g, want, dtype, f"{name} from delta")

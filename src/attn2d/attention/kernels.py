@@ -361,7 +361,7 @@ def attn_forward(q, k, v, *, causal: bool, q_pos=None, k_pos=None, scale: float 
 
 
 def out_for_delta(dout: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """A stand-in for `out` (B, Lq, H, D) with rowsum(dout * out) = delta (B, H, Lq), in the accumulation dtype.
+    """A stand-in for `out` (B, Lq, H, D) with rowsum(dout * out) = delta (B, H, Lq), in dout's dtype.
 
     The block backward uses out only through delta = rowsum(dO * O) (dS = P * (dP - delta)), and every kernel API
     takes out and forms delta itself. A caller that holds delta but not out (Attention2D's backward gathers the
@@ -374,7 +374,7 @@ def out_for_delta(dout: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     m = d.abs().amax(-1)  # (B, Lq, H)
     u = d / torch.where(m > 0, m, 1.0).unsqueeze(-1)  # (B, Lq, H, D), max |u| = 1 per nonzero row
     coef = torch.where(m > 0, delta.to(d.dtype).transpose(1, 2) / (m * u.square().sum(-1)).clamp_min(1e-300), 0.0)
-    return u * coef.unsqueeze(-1)  # (B, Lq, H, D)
+    return (u * coef.unsqueeze(-1)).to(dout.dtype)  # (B, Lq, H, D), in dout's dtype as the kernels take it
 
 
 def attn_backward(dout, q, k, v, out, lse, *, causal: bool, q_pos=None, k_pos=None, scale: float | None = None,
