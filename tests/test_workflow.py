@@ -190,6 +190,29 @@ def test_figures_from_measured_and_modelled_sources(tmp_path, small_plan):
         F.speedup_figure([F.Source("measured", "measured: nothing", table.iloc[:0])], tmp_path / "empty")
 
 
+def test_speedup_figure_draws_what_the_paper_reports_beside_measured_and_modelled(tmp_path, small_plan, monkeypatch):
+    """An experiment's `reported` (the paper's stated maximum) is a labelled dotted line on the panels of its P
+    only; the CLI takes it as JSON (as the workflow passes it from the experiment file)."""
+    write_synthetic(tmp_path, small_plan.jobs.values())
+    table = K.collect([tmp_path / c.record for c in small_plan.experiments["local_speedup"]], "local_speedup")
+    gpus = sorted(table.gpus.unique())
+    drawn = []
+    monkeypatch.setattr(F, "save_figure", lambda fig, out: drawn.append(fig) or [])
+    rep = {"gpus": int(gpus[-1]), "speedup_max": 7.5, "what": "paper: up to 7.5x"}
+    F.speedup_figure([F.measured(table)], tmp_path / "s", reported=[rep])
+    (fig,) = drawn
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    with_line = [ax for ax in panels if any(list(l.get_ydata()) == [7.5, 7.5] and l.get_color() == F.REPORTED_COLOR
+                                            for l in ax.get_lines())]
+    assert with_line and all(f"P = {gpus[-1]} " in ax.get_title() for ax in with_line)
+    assert len(with_line) < len(panels)  # not on the panels of the other P
+    assert any("reported: paper: up to 7.5x" in t.get_text() for t in fig.legends[0].get_texts())
+    table.to_csv(tmp_path / "t.csv", index=False)
+    F.main(["speedup", "--measured", str(tmp_path / "t.csv"), "--out", str(tmp_path / "cli"),
+            "--reported", json.dumps([rep])])
+    assert any(list(l.get_ydata()) == [7.5, 7.5] for ax in drawn[-1].axes for l in ax.get_lines())
+
+
 def test_snakemake_builds_tables_figures_and_report_from_records(tmp_path, small_plan):
     """With every record present no cell runs; tables (failed cell included), figures and the HTML report."""
     wd = workdir(tmp_path)

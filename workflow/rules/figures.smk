@@ -10,6 +10,14 @@ def get_projection(wildcards):
     return [config["projection"]] if HAVE_MODEL else []
 
 
+def get_reported_args(wildcards) -> str:
+    """--reported JSON for a speedup figure of an experiment whose file states what the paper reports."""
+    reported = list(get_meta(wildcards.experiment).reported)
+    if wildcards.kind != "speedup" or not reported:
+        return ""
+    return f"--reported {shlex.quote(json.dumps(reported))}"
+
+
 def get_model_args(wildcards, input):
     """--modelled/--hardware for a measured figure when the cost model's projection is an input."""
     if not input.projection:
@@ -33,10 +41,11 @@ rule figure:
         kind=KINDS,
     params:
         model_args=lambda wc, input: get_model_args(wc, input),
+        reported=get_reported_args,
     shell:
         "{PYTHON} -m attn2d.report.figures {wildcards.kind}"
         " --out results/figures/{wildcards.experiment}/{wildcards.kind}"
-        " --measured {input.table} {params.model_args} > {log} 2>&1"
+        " --measured {input.table} {params.model_args} {params.reported} > {log} 2>&1"
 
 
 rule figure_modelled:
@@ -55,7 +64,9 @@ rule figure_modelled:
         kind=KINDS,
     params:
         hardware=lambda wc: get_meta(wc.experiment).hardware,
+        reported=get_reported_args,
     shell:
         "{PYTHON} -m attn2d.report.figures {wildcards.kind}"
         " --out results/figures/{wildcards.experiment}/{wildcards.kind}_modelled"
-        " --cells {input.cells} --modelled {input.projection} --hardware {params.hardware} > {log} 2>&1"
+        " --cells {input.cells} --modelled {input.projection} --hardware {params.hardware} {params.reported}"
+        " > {log} 2>&1"

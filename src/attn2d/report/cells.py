@@ -88,6 +88,7 @@ class Experiment:
     figures: tuple[str, ...]  # figure kinds drawn from its table (attn2d.report.figures.KINDS)
     hardware: str  # cost-model profile (conf/hardware option) of the hardware it was designed for
     launcher: str  # the hydra/launcher option its cells run with here
+    reported: tuple[dict, ...] = ()  # what the paper states of its figure: {gpus, speedup_max, what}
 
 
 @dataclass
@@ -371,6 +372,9 @@ def plan(
             cells.append(Cell(exp, cell_name(point), point, home, _info(cfg, exp, pd, res), res))
         result.experiments[exp] = cells
         m = sw.base.get("experiment") or {}
+        rep = m.get("reported")
+        reported = tuple(dict(r) for r in (OmegaConf.to_container(rep, resolve=True) if rep else []))
         result.meta[exp] = Experiment(exp, str(m.get("reproduces", "")), tuple(m.get("figures", ())),
-                                      str(sw.base.hydra.runtime.choices.get("hardware") or ""), sw.launcher)
+                                      str(sw.base.hydra.runtime.choices.get("hardware") or ""), sw.launcher,
+                                      reported)
     return result

@@ -19,6 +19,7 @@ and in the title. Failed cells are marked on the panels ("failed"), never silent
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -122,10 +123,15 @@ def _mark_failed(ax, x: float, y: float, text: str = "failed") -> None:
     ax.text(x, y, text, color=FAILED_COLOR, rotation=90, ha="center", va="bottom", fontsize=7)
 
 
-def speedup_figure(sources: Sequence[Source], out: str | Path,
-                   title: str = "Speedup over Ring Attention") -> list[Path]:
+REPORTED_COLOR = "#2ca02c"
+
+
+def speedup_figure(sources: Sequence[Source], out: str | Path, title: str = "Speedup over Ring Attention",
+                   reported: Sequence[dict] = ()) -> list[Path]:
     """Paper figure "Speedup over Ring Attn": panels model (rows) x [source, P] (columns); bars per sequence length
-    for Attention2D-NO / -O; a dashed line at 1x; cells without a speedup (a failed run) marked "failed"."""
+    for Attention2D-NO / -O; a dashed line at 1x; cells without a speedup (a failed run) marked "failed".
+    `reported`: what the paper states, {gpus, speedup_max, what}: a dotted line at speedup_max on every panel of
+    that P (the paper's maximum over its cells; its per-cell values are not known), named in the legend."""
     frames = [(s, _prepare(s.df)) for s in sources]
     models = _model_order(m for _, d in frames for m in d.model)
     cols = [(s, g) for s, d in frames for g in sorted(d.gpus.unique())]
@@ -146,6 +152,9 @@ def speedup_figure(sources: Sequence[Source], out: str | Path,
                 sns.barplot(data=ok, x="seq", y="speedup_vs_ring", hue="Algorithm", order=order, hue_order=hue_order,
                             palette=PALETTE, ax=ax, errorbar=None)
             ax.axhline(1.0, ls="--", color="black", lw=1)
+            for rep in reported:
+                if int(rep["gpus"]) == int(gpus):
+                    ax.axhline(float(rep["speedup_max"]), ls=":", color=REPORTED_COLOR, lw=1.5)
             for _, r in d[d.speedup_vs_ring.isna()].iterrows():  # failed: the cell or its ring baseline
                 k = hue_order.index(r.Algorithm) if r.Algorithm in hue_order else 0
                 x = order.index(r.seq) - 0.4 + 0.8 * (k + 0.5) / max(1, len(hue_order))
@@ -157,9 +166,14 @@ def speedup_figure(sources: Sequence[Source], out: str | Path,
             if ax.get_legend() is not None:
                 ax.get_legend().remove()
     handles = [plt.Rectangle((0, 0), 1, 1, color=PALETTE[a]) for a in ("Attention2D-NO", "Attention2D-O")]
+    handles.append(plt.Line2D([], [], ls="--", color="black"))
+    labels = ["Attention2D-NO", "Attention2D-O", "1x (Ring)"]
+    for rep in reported:
+        handles.append(plt.Line2D([], [], ls=":", color=REPORTED_COLOR, lw=1.5))
+        labels.append(f"reported: {rep['what']} (the maximum over its cells)")
     fig.tight_layout()
-    fig.legend(handles + [plt.Line2D([], [], ls="--", color="black")], ["Attention2D-NO", "Attention2D-O", "1x (Ring)"],
-               loc="upper center", ncol=3, bbox_to_anchor=(0.5, 0.0), frameon=False)
+    fig.legend(handles, labels, loc="upper center", ncol=3 if not reported else 2, bbox_to_anchor=(0.5, 0.0),
+               frameon=False)
     _suptitle(fig, title, sources)
     return save_figure(fig, out)
 
@@ -318,6 +332,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cells", type=Path, help="with --modelled and no --measured: a CSV whose model, gpus, "
                                                "seq_len, attention columns name the cells to draw")
     ap.add_argument("--title", default=None)
+    ap.add_argument("--reported", default=None,
+                    help="speedup figures: JSON list of what the paper states, [{gpus, speedup_max, what}, ...]")
     a = ap.parse_args(argv)
     sources: list[Source] = []
     like = None
@@ -338,6 +354,8 @@ def main(argv: list[str] | None = None) -> None:
     if not sources:
         ap.error("nothing to draw: give --measured, or --modelled with rows for --hardware")
     kwargs = {"title": a.title} if a.title else {}
+    if a.reported and a.kind == "speedup":
+        kwargs["reported"] = json.loads(a.reported)
     for p in KINDS[a.kind](sources, a.out, **kwargs):
         print(p)
 
