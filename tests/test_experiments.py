@@ -214,3 +214,15 @@ def test_gpu_check_script_commands_compose_and_validate():
     big = compose([o for o in runs[1] if not o.startswith("hydra.")])
     assert (big.model.name, big.benchmark.seq_len, big.grid.rows * big.grid.cols) == ("gpt3_760m", 8192, 1)
     assert big.benchmark.peak_tflops == 989.0
+
+
+def test_reported_entries_are_checked_and_only_paper_speedups_have_them(paper, local):
+    """`experiment.reported` (what the paper states, drawn on the speedup figures): the A100 and H100 maxima at
+    64 GPUs; a malformed entry is an error naming the file."""
+    assert [(r["gpus"], r["speedup_max"]) for r in paper.meta["a100_speedup"].reported] == [(64, 5.0)]
+    assert [(r["gpus"], r["speedup_max"]) for r in paper.meta["h100_speedup"].reported] == [(64, 9.4)]
+    assert all(m.reported == () for m in local.meta.values())  # nothing the paper reports at CPU scale
+    with pytest.raises(ValueError, match=r"conf/experiment/x.yaml: experiment.reported entry .*'gpus': '64'"):
+        C._reported("x", OmegaConf.create([{"gpus": "64", "speedup_max": 5, "what": "w"}]))
+    with pytest.raises(ValueError, match=r"must be a list"):
+        C._reported("x", OmegaConf.create({"gpus": 64}))

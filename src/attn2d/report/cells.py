@@ -91,6 +91,22 @@ class Experiment:
     reported: tuple[dict, ...] = ()  # what the paper states of its figure: {gpus, speedup_max, what}
 
 
+def _reported(exp: str, rep) -> tuple[dict, ...]:
+    """The experiment file's `experiment.reported` list, checked: each entry {gpus: int, speedup_max: number,
+    what: text}."""
+    entries = OmegaConf.to_container(rep, resolve=True) if rep else []
+    if not isinstance(entries, list):
+        raise ValueError(f"conf/experiment/{exp}.yaml: experiment.reported must be a list of "
+                         f"{{gpus, speedup_max, what}}, got {entries!r}")
+    for e in entries:
+        ok = (isinstance(e, dict) and set(e) == {"gpus", "speedup_max", "what"} and isinstance(e["gpus"], int)
+              and isinstance(e["speedup_max"], (int, float)) and isinstance(e["what"], str))
+        if not ok:
+            raise ValueError(f"conf/experiment/{exp}.yaml: experiment.reported entry {e!r} is not "
+                             "{gpus: <int>, speedup_max: <number>, what: <text>}")
+    return tuple(entries)
+
+
 @dataclass
 class Plan:
     """The cells of several experiments; `jobs` holds one cell per distinct run dir (the Snakemake jobs)."""
@@ -372,8 +388,7 @@ def plan(
             cells.append(Cell(exp, cell_name(point), point, home, _info(cfg, exp, pd, res), res))
         result.experiments[exp] = cells
         m = sw.base.get("experiment") or {}
-        rep = m.get("reported")
-        reported = tuple(dict(r) for r in (OmegaConf.to_container(rep, resolve=True) if rep else []))
+        reported = _reported(exp, m.get("reported"))
         result.meta[exp] = Experiment(exp, str(m.get("reproduces", "")), tuple(m.get("figures", ())),
                                       str(sw.base.hydra.runtime.choices.get("hardware") or ""), sw.launcher,
                                       reported)
