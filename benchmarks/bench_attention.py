@@ -49,6 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--seq", type=int, default=1152, help="sequence length N")
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--kv-heads", type=int, default=None,
+                   help="k/v heads (grouped-query attention, dividing --heads); default: --heads")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True)
@@ -101,10 +103,11 @@ def plan(args) -> tuple[list[tuple[str, int, int]], list[str]]:
 
 
 def make_inputs(args):
-    """Full (B, N, H, D) q, k, v, dout, the same on every process (seeded)."""
+    """Full q, dout (B, N, H, D) and k, v (B, N, H_kv, D), the same on every process (seeded)."""
     g = torch.Generator().manual_seed(args.seed)
     shape = (args.batch, args.seq, args.heads, args.head_dim)
-    return [torch.randn(shape, generator=g).to(DTYPES[args.dtype]) for _ in range(4)]
+    kv_shape = (args.batch, args.seq, args.kv_heads or args.heads, args.head_dim)
+    return [torch.randn(s, generator=g).to(DTYPES[args.dtype]) for s in (shape, kv_shape, kv_shape, shape)]
 
 
 def _timed_once(fn) -> float:
@@ -179,7 +182,7 @@ def predicted(name, args, rows, cols) -> dict:
     best = {"fwd_bytes": 0, "fwd_msgs": 0, "all_bytes": 0, "all_msgs": 0}
     for rk in range(rows * cols):
         ops = impl.comm_volume(args.batch, args.seq, args.heads, args.head_dim, rows, cols, DTYPES[args.dtype],
-                               args.causal, rank=rk)
+                               args.causal, rank=rk, kv_heads=args.kv_heads)
         f, a = total_comm(ops, "fwd"), total_comm(ops)
         for key, val in (("fwd_bytes", f["bytes_sent"]), ("fwd_msgs", f["messages"]),
                          ("all_bytes", a["bytes_sent"]), ("all_msgs", a["messages"])):
@@ -256,7 +259,8 @@ def main(argv=None) -> int:
         print("nothing to run")
         return 1
     machine = f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, gloo"
-    print(f"P={args.world} N={args.seq} B={args.batch} H={args.heads} D={args.head_dim} {args.dtype} "
+    print(f"P={args.world} N={args.seq} B={args.batch} H={args.heads} H_kv={args.kv_heads or args.heads} "
+          f"D={args.head_dim} {args.dtype} "
           f"causal={args.causal} warmup={args.warmup} repeats={args.repeats}; {machine}")
     t0 = time.perf_counter()
     per_rank = run_distributed(args.world, worker, args, runs, timeout_s=args.timeout)
@@ -273,6 +277,7 @@ def main(argv=None) -> int:
             for r in rows_out:
                 f.write(json.dumps({"kind": "bench_attention", "at": stamp, "machine": machine, "world": args.world,
                                     "seq_len": args.seq, "batch": args.batch, "heads": args.heads,
+                                    "kv_heads": args.kv_heads or args.heads,
                                     "head_dim": args.head_dim, "dtype": args.dtype, "causal": args.causal,
                                     "repeats": args.repeats, **r}) + "\n")
     keys = (("bytes_fwd", "fwd_bytes"), ("msgs_fwd", "fwd_msgs"), ("bytes_fwd_bwd", "all_bytes"),

@@ -14,13 +14,19 @@ B, H, D = 2, 3, 80  # head_dim of GPT-3 2.7B
 N = 36  # divisible by every P used: 1, 4, 6, 9
 TOL = {"float32": 1e-5, "bfloat16": 2e-2}
 GRIDS = {1: [(1, 1)], 4: [(2, 2), (1, 4), (4, 1)], 6: [(2, 3), (3, 2)], 9: [(3, 3)]}
+GQA_WORLDS = (4, 6)
 
 
 def _make_cases(world):
-    return [random_case(1000 * world + 10 * i + 2 * causal + (dtype == "bfloat16"), (B, N, H, D),
-                        rows=rows, cols=cols, causal=causal, dtype=dtype)
-            for i, (rows, cols) in enumerate(GRIDS[world]) for causal in (True, False)
-            for dtype in ("float32", "bfloat16")]
+    cases = [random_case(1000 * world + 10 * i + 2 * causal + (dtype == "bfloat16"), (B, N, H, D),
+                         rows=rows, cols=cols, causal=causal, dtype=dtype)
+             for i, (rows, cols) in enumerate(GRIDS[world]) for causal in (True, False)
+             for dtype in ("float32", "bfloat16")]
+    if world in GQA_WORLDS:  # grouped-query attention: one k/v head for q's three, on the first grid of this P
+        rows, cols = GRIDS[world][0]
+        cases.append(random_case(7 * world, (B, N, H, D), kv_heads=1, rows=rows, cols=cols, causal=True,
+                                 dtype="float32"))
+    return cases
 
 
 def _cases_worker(rank, world, cases):
@@ -49,7 +55,7 @@ def _bad_inputs_worker(rank, world):
         "shape": lambda: attention2d(x, torch.randn(1, 6, 2, 4), x, grid),
         "dtype": lambda: attention2d(x, x.double(), x, grid),
         "device": lambda: attention2d(x, x, x.to("meta"), grid),
-        "heads": lambda: attention2d(x, torch.randn(1, 8, 1, 4), torch.randn(1, 8, 1, 4), grid),
+        "heads": lambda: attention2d(x, torch.randn(1, 8, 3, 4), torch.randn(1, 8, 3, 4), grid),
         "dims": lambda: attention2d(x[0], x[0], x[0], grid),
         "grid": lambda: attention2d(x, x, x, None),
         "empty": lambda: attention2d(x[:, :0], x[:, :0], x[:, :0], grid),
@@ -70,13 +76,14 @@ def _check_world(world):
     per_rank = run_distributed(world, _cases_worker, cases, timeout_s=240)
     for i, case in enumerate(cases):
         rows, cols, causal, dtype = case["rows"], case["cols"], case["causal"], case["dtype"]
-        label = f"{rows}x{cols} causal={causal} {dtype}"
+        h_kv = case["k"].shape[2]
+        label = f"{rows}x{cols} causal={causal} {dtype}" + (f" kv_heads={h_kv}" if h_kv != H else "")
         results = [per_rank[rk][i] for rk in range(world)]
         assert_matches_reference(case, results, "cyclic", rows, cols, TOL[dtype], label)
         dt = getattr(torch, dtype)
         # communication: counted == predicted, op by op, on every rank
         for rk, res in enumerate(results):
-            ops = comm_ops(B, N, H, D, rows, cols, dt, causal, rank=rk)
+            ops = comm_ops(B, N, H, D, rows, cols, dt, causal, rank=rk, kv_heads=h_kv)
             for phase in ("fwd", "bwd"):
                 want = total_comm(ops, phase)
                 assert res[phase] == want, f"{label} rank {rk} {phase}: counted {res[phase]} != predicted {want}"
@@ -84,11 +91,14 @@ def _check_world(world):
             # K/V column gather, fp32 dq / dk, dv reduce-scatters, inverse K/V permutation
             r, c = divmod(rk, cols)
             moves = (r + c * rows) != (c + r * cols)
-            e, n_rows = dt.itemsize, B * H * (N // world)
-            bwd = n_rows * ((cols - 1) * (2 * D * e + 2 * 4) + 2 * (rows - 1) * D * e + (cols - 1) * D * 4
-                            + 2 * (rows - 1) * D * 4 + 2 * D * 4 * moves)
+            e, n = dt.itemsize, B * (N // world)  # K/V and dK/dV travel with h_kv heads, the rest with H
+            bwd = n * (H * (cols - 1) * (2 * D * e + 2 * 4) + h_kv * 2 * (rows - 1) * D * e + H * (cols - 1) * D * 4
+                       + h_kv * (2 * (rows - 1) * D * 4 + 2 * D * 4 * moves))
             assert res["bwd"]["bytes_sent"] == res["bwd"]["bytes_received"] == bwd, f"{label} rank {rk} backward"
-            if rows == cols:
+            if h_kv != H:  # forward, independently: K/V terms with h_kv heads, q and (out, lse) with H
+                fwd = n * (h_kv * (2 * D * e * moves + 2 * (rows - 1) * D * e) + H * (cols - 1) * (2 * D * e + 4))
+                assert res["fwd"]["bytes_sent"] == fwd, f"{label} rank {rk} forward"
+            elif rows == cols:
                 assert res["fwd"]["bytes_sent"] == _paper_forward_bytes(rows, cols, rk, dtype), label
                 assert res["fwd"]["bytes_received"] == res["fwd"]["bytes_sent"], label
                 if r != c:  # the paper's [4(sqrt(P)-1)+2] N H / P elements per head (H = head_dim): within 1 %
@@ -148,7 +158,7 @@ def test_bad_inputs_raise_clear_errors():
         "shape": r"q \(1, 8, 2, 4\), k \(1, 6, 2, 4\).*one shape",
         "dtype": r"dtypes differ: torch.float32, torch.float64",
         "device": r"devices differ: cpu, cpu, meta",
-        "heads": r"heads differ: q has 2, k 1, v 1",
+        "heads": r"heads differ: q has 2, k 3, v 3; .*divides q's \(grouped-query attention\)",
         "dims": r"q has shape \(8, 2, 4\); expected 4 dims",
         "grid": r"needs an attn2d.distributed.ProcessGrid, got NoneType",
         "empty": r"holds 0 positions.*multiple of P = 1x1 = 1",

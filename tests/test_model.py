@@ -166,3 +166,26 @@ def test_seeded_init_does_not_depend_on_order_and_follows_gpt2():
     assert torch.equal(params["blocks.1.ln_1.weight"], torch.ones(64)) and not params["blocks.0.mlp.fc.bias"].any()
     a.init_parameters(seed=6)
     assert not torch.equal(params["wte.weight"], b.wte.weight)
+
+
+def test_grouped_query_attention_config_counts_and_runs():
+    """n_kv_head < n_head: the fused projection shrinks (n_params matches the modules), k and v reach the
+    attention with n_kv_head heads, and a bad divisor is a clear error."""
+    cfg = GPTConfig(n_layer=2, d_model=64, n_head=4, vocab_size=256, n_kv_head=2)
+    model = GPT(cfg, sdpa_gqa := _recording_sdpa())
+    assert model.num_params(non_embedding=False) == cfg.n_params() < TINY.n_params()
+    idx = torch.randint(0, 256, (2, 16))
+    logits = model(idx, torch.arange(16))
+    assert logits.shape == (2, 16, 256) and sdpa_gqa.shapes[0] == [(2, 16, 4, 16), (2, 16, 2, 16), (2, 16, 2, 16)]
+    with pytest.raises(ValueError, match=r"n_kv_head 3 does not divide n_head 4; use one of \[1, 2, 4\]"):
+        GPTConfig(n_layer=1, d_model=64, n_head=4, vocab_size=8, n_kv_head=3).check()
+
+
+def _recording_sdpa():
+    def attn(q, k, v):
+        attn.shapes.append([tuple(t.shape) for t in (q, k, v)])
+        from attn2d.attention.local import local_attention
+
+        return local_attention(q, k, v, causal=True)
+    attn.shapes = []
+    return attn

@@ -21,9 +21,12 @@ LAYOUTS = {1: ("zigzag", "contiguous"), 2: ("zigzag", "contiguous"), 3: ("contig
 
 
 def _make_cases(world):
-    return [random_case(1000 * world + 10 * i + 2 * causal + (dtype == "bfloat16"), (B, N, H, D),
-                        layout=lay, causal=causal, dtype=dtype)
-            for i, lay in enumerate(LAYOUTS[world]) for causal in (True, False) for dtype in ("float32", "bfloat16")]
+    cases = [random_case(1000 * world + 10 * i + 2 * causal + (dtype == "bfloat16"), (B, N, H, D),
+                         layout=lay, causal=causal, dtype=dtype)
+             for i, lay in enumerate(LAYOUTS[world]) for causal in (True, False) for dtype in ("float32", "bfloat16")]
+    if world in (2, 4):  # grouped-query attention: one k/v head for q's three
+        cases.append(random_case(7 * world, (B, N, H, D), kv_heads=1, layout="zigzag", causal=True, dtype="float32"))
+    return cases
 
 
 def _cases_worker(rank, world, cases):
@@ -67,7 +70,7 @@ def _bad_inputs():
         "shape": lambda: ring_attention(x, torch.randn(1, 6, 2, 4), x),
         "dtype": lambda: ring_attention(x, x.double(), x),
         "device": lambda: ring_attention(x, x, x.to("meta")),
-        "heads": lambda: ring_attention(x, torch.randn(1, 8, 1, 4), torch.randn(1, 8, 1, 4)),
+        "heads": lambda: ring_attention(x, torch.randn(1, 8, 3, 4), torch.randn(1, 8, 3, 4)),
         "dims": lambda: ring_attention(x[0], x[0], x[0]),
         "int": lambda: ring_attention(x.long(), x.long(), x.long()),
         "zigzag": lambda: ring_attention(x[:, :5], x[:, :5], x[:, :5], layout="zigzag"),
@@ -82,21 +85,23 @@ def _check_world(world):
     per_rank = run_distributed(world, _cases_worker, cases, timeout_s=240)
     for i, case in enumerate(cases):
         lay, causal, dtype = case["layout"], case["causal"], case["dtype"]
-        label = f"P={world} {lay} causal={causal} {dtype}"
+        h_kv = case["k"].shape[2]  # only K/V (and dK/dV) circulate: every volume below has h_kv heads
+        label = f"P={world} {lay} causal={causal} {dtype}" + (f" kv_heads={h_kv}" if h_kv != H else "")
         results = [per_rank[rk][i] for rk in range(world)]
         assert_matches_reference(case, results, lay, world, 1, TOL[dtype], label)
         dt = getattr(torch, dtype)
         for rk, res in enumerate(results):
-            ops = comm_ops(B, N, H, D, world, 1, dt, causal, rank=rk, layout=lay)
+            ops = comm_ops(B, N, H, D, world, 1, dt, causal, rank=rk, layout=lay, kv_heads=h_kv)
             for phase in ("fwd", "bwd"):
                 want = total_comm(ops, phase)
                 assert res[phase] == want, f"{label} rank {rk} {phase}: counted {res[phase]} != predicted {want}"
             # the classic ring volume, written independently: 2 (P-1) (N/P) H D B e, P-1 messages
-            classic = 2 * (world - 1) * (N // world) * H * D * B * dt.itemsize
+            classic = 2 * (world - 1) * (N // world) * h_kv * D * B * dt.itemsize
             assert res["fwd"]["bytes_sent"] == res["fwd"]["bytes_received"] == classic, label
             assert res["fwd"]["messages"] == world - 1, label
             # backward: K/V once more (P-1 times, input dtype) and fp32 dK/dV P times, P+1 messages
-            bwd = (world - 1) * 2 * (N // world) * H * D * B * dt.itemsize + world * 2 * (N // world) * H * D * B * 4
+            bwd = ((world - 1) * 2 * (N // world) * h_kv * D * B * dt.itemsize
+                   + world * 2 * (N // world) * h_kv * D * B * 4)
             assert res["bwd"]["bytes_sent"] == (bwd if world > 1 else 0), label
             assert res["bwd"]["messages"] == (world + 1 if world > 1 else 0), label
     if world == 1:
@@ -119,7 +124,7 @@ def _check_errors(errors):
         "shape": r"q \(1, 8, 2, 4\), k \(1, 6, 2, 4\).*one shape",
         "dtype": r"dtypes differ: torch.float32, torch.float64",
         "device": r"devices differ: cpu, cpu, meta",
-        "heads": r"q \(1, 8, 2, 4\), k \(1, 8, 1, 4\).*grouped-query",
+        "heads": r"heads differ: q has 2, k 3, v 3; .*grouped-query",
         "dims": r"q has shape \(8, 2, 4\); expected 4 dims",
         "int": r"q has dtype torch.int64; expected a floating dtype",
         "zigzag": r"holds 5 positions, so seq_len = 1 x 5 = 5 is not a multiple of 2P = 2.*nearest: 4 or 6",

@@ -90,6 +90,8 @@ CASES = [
     ("attn2d_overlap_2x2", "attn2d_overlap", 2, 2, [], []),
     ("ring_1x4", "ring", 1, 4, [], []),
     ("ring_contiguous_1x4", "ring_contiguous", 1, 4, [], []),
+    ("attn2d_2x2_gqa", "attn2d", 2, 2, ["model.n_kv_head=2"], []),  # grouped-query attention: 2 k/v heads for 4
+    ("ring_1x4_gqa", "ring", 1, 4, ["model.n_kv_head=2"], []),
 ]
 
 

@@ -3,7 +3,8 @@
     python -m attn2d.advise gpus=64 gpus_per_node=4 model=gpt3_13b seq_len=65536 hardware=a100_4gpn
 
 Arguments (key=value): gpus (required), model (conf/model option, required), seq_len (required), hardware
-(conf/hardware option, default a100_4gpn), gpus_per_node (default: the profile's), batch_size (1), dtype (bf16),
+(conf/hardware option, default a100_4gpn), gpus_per_node (default: the profile's), n_kv_head (default: the model's;
+fewer k/v heads than heads = grouped-query attention), batch_size (1), dtype (bf16),
 causal (true), fsdp (false), activation_checkpointing (false), algorithms (comma list, default ring,attn2d,
 attn2d_overlap), top (rows to print, default all).
 
@@ -15,7 +16,7 @@ first, with the speedup over ring, and a line naming the best choice.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from attn2d.costmodel import Workload, load_hardware, load_model, step_time
 
@@ -46,7 +47,7 @@ def _bool(v: str) -> bool:
 
 def parse_args(argv: list[str]) -> dict:
     known = {"gpus", "gpus_per_node", "model", "seq_len", "hardware", "batch_size", "dtype", "causal", "fsdp",
-             "activation_checkpointing", "algorithms", "top"}
+             "activation_checkpointing", "algorithms", "top", "n_kv_head"}
     args: dict = {"hardware": "a100_4gpn", "batch_size": "1", "dtype": "bf16", "causal": "true", "fsdp": "false",
                   "activation_checkpointing": "false", "algorithms": ",".join(DEFAULT_ALGORITHMS)}
     for a in argv:
@@ -121,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     gpn = int(args["gpus_per_node"]) if "gpus_per_node" in args else None
     hw = load_hardware(args["hardware"], gpus_per_node=gpn)
     model = load_model(args["model"])
+    if "n_kv_head" in args:
+        model = replace(model, n_kv_head=int(args["n_kv_head"]))
+        model.check()
     wl = Workload(seq_len=int(args["seq_len"]), batch_size=int(args["batch_size"]), dtype=args["dtype"],
                   causal=_bool(args["causal"]), fsdp=_bool(args["fsdp"]),
                   activation_checkpointing=_bool(args["activation_checkpointing"]))

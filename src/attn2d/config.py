@@ -38,6 +38,7 @@ class ModelConf:
     n_head: int
     vocab_size: int
     head_dim: Optional[int] = None  # null: d_model // n_head
+    n_kv_head: Optional[int] = None  # k/v heads (grouped-query attention, must divide n_head); null: n_head
     mlp_ratio: int = 4
     positions: str = "rotary"  # rotary | learned
     max_seq_len: Optional[int] = None  # learned positions: table size (null: benchmark.seq_len)
@@ -216,6 +217,7 @@ def gpt_config(model: Any, seq_len: int | None = None, activation_checkpointing:
     return GPTConfig(
         n_layer=int(m["n_layer"]), d_model=int(m["d_model"]), n_head=int(m["n_head"]), vocab_size=int(m["vocab_size"]),
         head_dim=None if m.get("head_dim") is None else int(m["head_dim"]), mlp_ratio=int(m.get("mlp_ratio", 4)),
+        n_kv_head=None if m.get("n_kv_head") is None else int(m["n_kv_head"]),
         positions=str(m.get("positions", "rotary")), max_seq_len=m.get("max_seq_len") or seq_len,
         rope_base=float(m.get("rope_base", 10000.0)), init_std=float(m.get("init_std", 0.02)),
         activation_checkpointing=activation_checkpointing,

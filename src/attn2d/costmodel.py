@@ -268,7 +268,8 @@ class ModelShape(GPTConfig):
     name: str = ""
 
 
-MODEL_KEYS = ("n_layer", "d_model", "n_head", "vocab_size", "head_dim", "mlp_ratio", "positions", "max_seq_len")
+MODEL_KEYS = ("n_layer", "d_model", "n_head", "vocab_size", "head_dim", "n_kv_head", "mlp_ratio", "positions",
+              "max_seq_len")
 
 
 def model_from_dict(d: dict, name: str = "") -> ModelShape:
@@ -551,7 +552,8 @@ def comm_ops_for(algorithm: str, shape: ModelShape, wl: Workload, rows: int, col
     if wl.dtype in ("fp16", "float16"):
         dt = torch.float16
     r, c = (rows, cols) if not algorithm.startswith("ring") else ring_grid(rows * cols)
-    return list(impl.comm_volume(wl.batch_size, wl.seq_len, shape.n_head, shape.d_head, r, c, dt, wl.causal))
+    return list(impl.comm_volume(wl.batch_size, wl.seq_len, shape.n_head, shape.d_head, r, c, dt, wl.causal,
+                                 kv_heads=shape.kv_heads))
 
 
 def ring_grid(P: int) -> tuple[int, int]:

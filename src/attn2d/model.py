@@ -33,6 +33,7 @@ class GPTConfig:
     n_head: int
     vocab_size: int
     head_dim: int | None = None  # None: d_model // n_head. GPT-3 13B has d 5140, 40 heads of 128 (5120 != 5140)
+    n_kv_head: int | None = None  # k/v heads, dividing n_head (grouped-query attention); None: n_head (GPT-3)
     mlp_ratio: int = 4
     positions: str = "rotary"  # "rotary" | "learned"
     max_seq_len: int | None = None  # learned positions only: size of the position table
@@ -49,10 +50,15 @@ class GPTConfig:
         """Width of the attention projections, n_head * d_head (= d_model except for GPT-3 13B)."""
         return self.n_head * self.d_head
 
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head if self.n_kv_head is not None else self.n_head
+
     def n_params(self) -> int:
         """Parameters of GPT(self) (tied embeddings counted once), by construction of its modules."""
         d, a, f = self.d_model, self.d_attn, self.mlp_ratio * self.d_model
-        block = (d * 3 * a + 3 * a) + (a * d + d) + (d * f + f) + (f * d + d) + 2 * 2 * d  # qkv, proj, mlp, 2 LN
+        qkv = a + 2 * self.kv_heads * self.d_head  # output width of the fused q, k, v projection
+        block = (d * qkv + qkv) + (a * d + d) + (d * f + f) + (f * d + d) + 2 * 2 * d  # qkv, proj, mlp, 2 LN
         return self.n_layer * block + self.vocab_size * d + self._position_params() + 2 * d  # + token table, ln_f
 
     def matmul_params(self) -> int:
@@ -69,6 +75,10 @@ class GPTConfig:
                 f"d_model {self.d_model} is not divisible by n_head {self.n_head}; set head_dim explicitly "
                 f"(e.g. {self.d_model // self.n_head}) or pick n_head dividing {self.d_model}"
             )
+        if self.n_kv_head is not None and (self.n_kv_head < 1 or self.n_head % self.n_kv_head):
+            divisors = [h for h in range(1, self.n_head + 1) if self.n_head % h == 0]
+            raise ValueError(f"n_kv_head {self.n_kv_head} does not divide n_head {self.n_head}; use one of "
+                             f"{divisors} (or null for n_head)")
         if self.positions not in ("rotary", "learned"):
             raise ValueError(f"positions {self.positions!r} is not 'rotary' or 'learned'")
         if self.positions == "rotary" and self.d_head % 2:
@@ -97,13 +107,14 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.n_head, self.d_head = cfg.n_head, cfg.d_head
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_attn)
+        self.n_head, self.n_kv, self.d_head = cfg.n_head, cfg.kv_heads, cfg.d_head
+        self.qkv = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.kv_heads) * cfg.d_head)
         self.proj = nn.Linear(cfg.d_attn, cfg.d_model)
 
     def forward(self, x: torch.Tensor, attention: AttentionFn, rope: tuple | None) -> torch.Tensor:
         B, L, _ = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.n_head, self.d_head).unbind(2)  # (B, L, H, D) each
+        q, k, v = self.qkv(x).view(B, L, self.n_head + 2 * self.n_kv, self.d_head).split(
+            [self.n_head, self.n_kv, self.n_kv], dim=2)  # q (B, L, H, D), k and v (B, L, H_kv, D)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         y = attention(q.contiguous(), k.contiguous(), v.contiguous())  # (B, L, H, D)

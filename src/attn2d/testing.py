@@ -66,10 +66,13 @@ def run_distributed(world_size: int, fn, *args, timeout_s: float = 120.0) -> lis
 
 # --- shared checks of the distributed-attention tests (test_attention2d, test_ring, test_attention2d_overlap) ---
 
-def random_case(seed: int, shape: tuple, **fields) -> dict:
-    """A test case: float64 q, k, v and dout of `shape` (B, N, H, D) from one seeded generator, plus `fields`."""
+def random_case(seed: int, shape: tuple, kv_heads: int | None = None, **fields) -> dict:
+    """A test case: float64 q and dout of `shape` (B, N, H, D), k and v with `kv_heads` heads (None: H; fewer:
+    grouped-query attention), from one seeded generator, plus `fields`."""
     g = torch.Generator().manual_seed(seed)
-    q, k, v, dout = (torch.randn(*shape, generator=g, dtype=torch.float64) for _ in range(4))
+    b, n, h, d = shape
+    kv_shape = (b, n, kv_heads or h, d)
+    q, k, v, dout = (torch.randn(*s, generator=g, dtype=torch.float64) for s in (shape, kv_shape, kv_shape, shape))
     return dict(fields, q=q, k=k, v=v, dout=dout)
 
 
@@ -103,7 +106,7 @@ def assemble(shards: list, lay: str, seq_len: int, rows: int, cols: int) -> torc
     """Put every rank's shard (B, N/P, H, D), in rank order, back at its layout positions: (B, N, H, D) float64."""
     from attn2d.attention import layout
 
-    b, _, h, d = shards[0].shape
+    b, _, h, d = shards[0].shape  # h: q's or k's heads, whichever the shards are
     full = torch.zeros(b, seq_len, h, d, dtype=torch.float64)
     for rank, x in enumerate(shards):
         full[:, layout.spans_tensor(layout.layout_spans(lay, seq_len, rank, rows, cols))] = x.double()

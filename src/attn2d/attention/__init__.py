@@ -20,7 +20,8 @@ class AttentionImpl:
     name: str
     fn: Callable  # fn(q, k, v, *, grid, causal) -> out (B, N/P, H, D)
     layout: str  # "cyclic" | "contiguous" | "zigzag" | "full"
-    comm_volume: Callable | None = None  # comm_ops(batch, seq_len, heads, head_dim, rows, cols, dtype, causal, rank=None) -> list[CommOp]
+    comm_volume: Callable | None = None  # comm_ops(batch, seq_len, heads, head_dim, rows, cols, dtype, causal,
+    #                                                rank=None, kv_heads=None) -> list[CommOp]
     needs_world: str = "any"  # "one": only world size 1
 
 

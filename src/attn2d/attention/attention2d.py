@@ -55,6 +55,9 @@ i.e. the paper's [4(sqrt(P)-1)+2] N H / P (its H = our head_dim D) plus the lse 
 (with bfloat16 inputs l/e = 2, exactly the paper's (H+2) per row for (M, D)). Messages: forward
 delta_kv + 2 (C-1) + (R-1), backward 2 (C-1) + 2 (R-1) + delta_kv.
 
+Grouped-query attention (k, v with H_kv heads, H a multiple of H_kv): K/V and dK/dV travel with H_kv heads, so
+every K/V term above scales by H_kv / H (comm_ops(kv_heads=...)); the kernels expand the heads locally.
+
 Memory: transient q_g, k_g, v_g (and do_g in backward) of N/sqrt(P) rows; saved: 1/P shards only.
 CUDA: nothing here is device specific (NCCL collectives through attn2d.distributed.comm); not run on a GPU here.
 """
@@ -179,7 +182,7 @@ def attention2d_backward(dout_p, q_p, k_t, v_t, out_p, lse_p, grid: ProcessGrid,
     dq_blocks = dq_g.reshape(b, n, cols, h, d)  # (B, N/P, C, H, D)
     dq_p = comm.reduce_scatter([dq_blocks[:, :, i] for i in range(cols)], grid.row_group, op="dq_row_reduce_scatter")
     # B5: column reduce-scatter of (dk, dv): key m = j*R + r' of k_g belongs to p(r', c) (row-major layout)
-    dkv_blocks = torch.stack([dk_g, dv_g]).reshape(2, b, n, rows, h, d)  # (2, B, N/P, R, H, D)
+    dkv_blocks = torch.stack([dk_g, dv_g]).reshape(2, b, n, rows, k_t.shape[2], d)  # (2, B, N/P, R, H_kv, D)
     dkv_t = comm.reduce_scatter([dkv_blocks[:, :, :, i] for i in range(rows)], grid.col_group,
                                 op="dkv_col_reduce_scatter")  # (2, B, N/P, H, D)
     # B6: inverse of Alg. 1 L1: back to the column-major cyclic layout
@@ -219,10 +222,11 @@ def attention2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Process
 
 # ---------------------------------------------------------------------------------------------- analytic volume
 def comm_ops(batch: int, seq_len: int, heads: int, head_dim: int, rows: int, cols: int, dtype, causal: bool = True,
-             rank: int | None = None) -> list[CommOp]:
+             rank: int | None = None, kv_heads: int | None = None) -> list[CommOp]:
     """Per-rank communication of Attention2D-NO, op by op, forward then backward (see the module docstring).
 
     rank: grid rank r*cols + c (None: a typical rank whose K/V permutation moves data, if any does).
+    kv_heads: heads of k and v (grouped-query attention; None = heads): every K/V and dK/dV term scales with it.
     Ops that move nothing for this rank (groups of one rank, a fixed point of the permutation) are left out, as
     comm does not count them. `causal` does not change the volume. The all_to_all of Alg. 7 is given
     steps = C - 1, like the paper's ring (conservative for a direct all-to-all)."""
@@ -235,6 +239,8 @@ def comm_ops(batch: int, seq_len: int, heads: int, head_dim: int, rows: int, col
     vec = rows_p * head_dim * e  # bytes of one (B, N/P, H, D) shard in the input dtype
     vec_acc = rows_p * head_dim * acc  # ... in the accumulation dtype
     lse = rows_p * acc  # bytes of one (B, H, N/P) lse shard
+    kv = vec // heads * (kv_heads or heads)  # bytes of one K or V shard (H_kv heads), input dtype
+    kv_acc = vec_acc // heads * (kv_heads or heads)  # ... accumulation dtype
     moves_kv = kv_moves(*divmod(rank, cols), rows, cols)
 
     def coll(phase, name, kind, group, g, nbytes):
@@ -245,22 +251,22 @@ def comm_ops(batch: int, seq_len: int, heads: int, head_dim: int, rows: int, col
 
     ops = []
     if moves_kv:
-        ops.append(p2p("fwd", "kv_to_row_major", 2 * vec))
+        ops.append(p2p("fwd", "kv_to_row_major", 2 * kv))
     if cols > 1:
         ops.append(coll("fwd", "q_row_all_gather", "all_gather", "row", cols, vec))
     if rows > 1:
-        ops.append(coll("fwd", "kv_col_all_gather", "all_gather", "col", rows, 2 * vec))
+        ops.append(coll("fwd", "kv_col_all_gather", "all_gather", "col", rows, 2 * kv))
     if cols > 1:
         ops.append(coll("fwd", "out_row_reduce_scatter", "all_to_all", "row", cols, vec + lse))
         ops.append(coll("bwd", "qdo_row_all_gather", "all_gather", "row", cols, 2 * vec + 2 * lse))
     if rows > 1:
-        ops.append(coll("bwd", "kv_col_all_gather_bwd", "all_gather", "col", rows, 2 * vec))
+        ops.append(coll("bwd", "kv_col_all_gather_bwd", "all_gather", "col", rows, 2 * kv))
     if cols > 1:
         ops.append(coll("bwd", "dq_row_reduce_scatter", "reduce_scatter", "row", cols, vec_acc))
     if rows > 1:
-        ops.append(coll("bwd", "dkv_col_reduce_scatter", "reduce_scatter", "col", rows, 2 * vec_acc))
+        ops.append(coll("bwd", "dkv_col_reduce_scatter", "reduce_scatter", "col", rows, 2 * kv_acc))
     if moves_kv:
-        ops.append(p2p("bwd", "dkv_to_col_major", 2 * vec_acc))
+        ops.append(p2p("bwd", "dkv_to_col_major", 2 * kv_acc))
     return ops
 
 

@@ -207,7 +207,8 @@ def _backward(dout_p, q_p, kv_t, out_p, lse_p, grid: ProcessGrid, causal: bool):
 
     # B2: phase A, K/V column ring overlapped with own bundle against each block
     dq_own = torch.zeros(B, n, H, D, dtype=acc, device=q_p.device)
-    dkv = torch.zeros(R, 2, B, n, H, D, dtype=acc, device=q_p.device)  # dK_g, dV_g by source grid row
+    Hkv = kv_t.shape[3]  # k/v heads (grouped-query attention: fewer than q's H)
+    dkv = torch.zeros(R, 2, B, n, Hkv, D, dtype=acc, device=q_p.device)  # dK_g, dV_g by source grid row
     scatter = _ColumnReduceScatter(grid, dkv, "dkv_col_scatter", tail_exposed=(C == 1))
     q_pos = Span(r + c * R, P, n)
     blocks, kv, handle = [None] * R, kv_t, None
@@ -245,7 +246,7 @@ def _backward(dout_p, q_p, kv_t, out_p, lse_p, grid: ProcessGrid, causal: bool):
             if i < C - 1:
                 dq_i, dk, dv = kernels.attn_backward(do, q, kv_g[0], kv_g[1], None, lse, delta=delta, causal=causal,
                                                      q_pos=src_pos, k_pos=k_pos)
-                dkv += torch.stack([dk, dv]).view(2, B, R, n, H, D).permute(2, 0, 1, 3, 4, 5)  # (R, 2, B, n, H, D)
+                dkv += torch.stack([dk, dv]).view(2, B, R, n, Hkv, D).permute(2, 0, 1, 3, 4, 5)  # (R, 2, B, n, Hkv, D)
             else:  # last bundle: block by block, so the column reduce-scatter (B4) hides behind the tiles
                 dq_i = torch.zeros(B, n, H, D, dtype=acc, device=q_p.device)
                 for s in list(range(1, R)) + [0]:
@@ -302,7 +303,7 @@ def attention2d_overlap(q, k, v, grid: ProcessGrid, causal: bool = True):
 
 
 # ------------------------------------------------------------------------------------------------ analytic comm
-def comm_ops(batch, seq_len, heads, head_dim, rows, cols, dtype, causal, rank=None) -> list[CommOp]:
+def comm_ops(batch, seq_len, heads, head_dim, rows, cols, dtype, causal, rank=None, kv_heads=None) -> list[CommOp]:
     """Per-rank communication of Attention2D-O (forward and backward), op names as counted by comm.
 
     rank: grid rank r*cols + c; None = a typical rank that is not a fixed point of the K/V transpose (if any).
@@ -312,6 +313,7 @@ def comm_ops(batch, seq_len, heads, head_dim, rows, cols, dtype, causal, rank=No
     b, f = wire_bytes(dtype)
     R, C, n = rows, cols, seq_len // P
     blk = batch * n * heads * head_dim  # elements of one (B, n, H, D) shard
+    kvb = batch * n * (kv_heads or heads) * head_dim  # ... of one K or V shard (H_kv heads)
     lse = batch * heads * n  # elements of one (B, H, n) lse
     rank = grid_rank(rows, cols, rank)
     moves = kv_moves(rank // C, rank % C, R, C)
@@ -323,22 +325,22 @@ def comm_ops(batch, seq_len, heads, head_dim, rows, cols, dtype, causal, rank=No
             ops.append(CommOp(phase, name, "p2p", group, size, nbytes * msgs, nbytes * msgs, msgs, msgs, overlapped))
 
     # forward
-    add("fwd", "kv_transpose", "pair", 2, 2 * blk * b, int(moves), False)
-    add("fwd", "kv_col_gather", "col", R, 2 * blk * b, R - 1, True)
+    add("fwd", "kv_transpose", "pair", 2, 2 * kvb * b, int(moves), False)
+    add("fwd", "kv_col_gather", "col", R, 2 * kvb * b, R - 1, True)
     add("fwd", "q_row_ring", "row", C, blk * b, C - 1, True)
     add("fwd", "out_row_scatter", "row", C, blk * b + lse * f, max(C - 2, 0), True)
     add("fwd", "out_row_scatter_tail", "row", C, blk * b + lse * f, int(C > 1), False)
     # backward
     add("bwd", "qbundle_row_ring", "row", C, 2 * blk * b + 2 * lse * f, C - 1, True)
-    add("bwd", "kv_col_gather_bwd", "col", R, 2 * blk * b, R - 1, True)
+    add("bwd", "kv_col_gather_bwd", "col", R, 2 * kvb * b, R - 1, True)
     add("bwd", "dq_row_scatter", "row", C, blk * f, max(C - 2, 0), True)
     add("bwd", "dq_row_scatter_tail", "row", C, blk * f, int(C > 1), False)
     if C > 1:
-        add("bwd", "dkv_col_scatter", "col", R, 2 * blk * f, R - 1, True)
+        add("bwd", "dkv_col_scatter", "col", R, 2 * kvb * f, R - 1, True)
     else:
-        add("bwd", "dkv_col_scatter", "col", R, 2 * blk * f, max(R - 2, 0), True)
-        add("bwd", "dkv_col_scatter_tail", "col", R, 2 * blk * f, int(R > 1), False)
-    add("bwd", "dkv_transpose", "pair", 2, 2 * blk * f, int(moves), False)
+        add("bwd", "dkv_col_scatter", "col", R, 2 * kvb * f, max(R - 2, 0), True)
+        add("bwd", "dkv_col_scatter_tail", "col", R, 2 * kvb * f, int(R > 1), False)
+    add("bwd", "dkv_transpose", "pair", 2, 2 * kvb * f, int(moves), False)
     return ops
 
 

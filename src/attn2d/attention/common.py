@@ -56,17 +56,23 @@ def check_qkv(algo: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> N
         raise ValueError(f"{algo}: q, k, v devices differ: {q.device}, {k.device}, {v.device}")
 
 
+def check_shapes(algo: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """k, v (B, N/P, H_kv, D) of one shape; q (B, N/P, H, D) with H a multiple of H_kv (grouped-query attention;
+    H_kv = H is plain multi-head attention)."""
+    if k.shape[2] != v.shape[2] or q.shape[2] % k.shape[2]:
+        raise ValueError(f"{algo}: heads differ: q has {q.shape[2]}, k {k.shape[2]}, v {v.shape[2]}; k and v need "
+                         "one head count that divides q's (grouped-query attention)")
+    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"{algo}: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must have one shape "
+                         "(B, N/P, H, D) but for the heads: every rank holds N/P positions of each")
+
+
 def check_grid_shards(algo: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid) -> None:
-    """The checks of the 2-D algorithms: a ProcessGrid, check_qkv, one head count, one shape, >= 1 position."""
+    """The checks of the 2-D algorithms: a ProcessGrid, check_qkv, check_shapes, >= 1 position."""
     if not isinstance(grid, ProcessGrid):
         raise TypeError(f"{algo} needs an attn2d.distributed.ProcessGrid, got {type(grid).__name__}")
     check_qkv(algo, q, k, v)
-    if not (q.shape[2] == k.shape[2] == v.shape[2]):
-        raise ValueError(f"{algo}: heads differ: q has {q.shape[2]}, k {k.shape[2]}, v {v.shape[2]}; grouped-query "
-                         "attention is not supported (repeat the k/v heads to q's count first)")
-    if q.shape != k.shape or q.shape != v.shape:
-        raise ValueError(f"{algo}: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must have one shape "
-                         "(B, N/P, H, D): every rank holds N/P positions of each in the cyclic layout")
+    check_shapes(algo, q, k, v)
     if q.shape[1] < 1:
         raise ValueError(f"{algo}: the local shard holds {q.shape[1]} positions; the sequence must have at least "
                          f"one position per rank (a multiple of P = {grid.rows}x{grid.cols} = {grid.size})")

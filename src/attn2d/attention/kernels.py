@@ -345,16 +345,35 @@ def _plan(q, k, causal, q_pos, k_pos, backend):
 
 
 def _check(q, k, v):
-    if q.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+    if (q.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]
+            or q.shape[2] % k.shape[2]):
         raise ValueError(f"attention shapes do not fit: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}; "
-                         "expected q (B, Lq, H, D) and k, v (B, Lk, H, D)")
+                         "expected q (B, Lq, H, D) and k, v (B, Lk, H_kv, D) with H a multiple of H_kv")
     if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must share dtype and device: {q.dtype}/{k.dtype}/{v.dtype}, {q.device}/{k.device}/{v.device}")
 
 
+def _expand_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Grouped-query attention: k, v (B, Lk, H_kv, D) -> (B, Lk, H, D), query head h using k/v head h // g
+    (g = H / H_kv, as Llama's repeat_kv). A copy; the kernels see plain multi-head attention."""
+    g = q.shape[2] // k.shape[2]
+    if g == 1:
+        return k, v, 1
+    return k.repeat_interleave(g, dim=2), v.repeat_interleave(g, dim=2), g
+
+
+def _sum_groups(dx: torch.Tensor, g: int) -> torch.Tensor:
+    """(B, Lk, H, D) gradients of the expanded k or v -> (B, Lk, H_kv, D): the sum over each head's group."""
+    if g == 1:
+        return dx
+    b, n, h, d = dx.shape
+    return dx.view(b, n, h // g, g, d).sum(3)
+
+
 def attn_forward(q, k, v, *, causal: bool, q_pos=None, k_pos=None, scale: float | None = None, backend: str = "auto"):
-    """Block attention -> (out (B, Lq, H, D), lse (B, H, Lq))."""
+    """Block attention -> (out (B, Lq, H, D), lse (B, H, Lq)). k, v may have fewer heads (grouped-query)."""
     _check(q, k, v)
+    k, v, _ = _expand_kv(q, k, v)
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     pieces, impl, mask_impl = _plan(q, k, causal, q_pos, k_pos, backend)
     return _forward_pieces(q, k, v, pieces, scale, impl, mask_impl)
@@ -393,5 +412,7 @@ def attn_backward(dout, q, k, v, out, lse, *, causal: bool, q_pos=None, k_pos=No
         raise ValueError(f"dout {tuple(dout.shape)} and out {tuple(out.shape)} must be q's shape {tuple(q.shape)}, "
                          f"lse {tuple(lse.shape)} must be (B, H, Lq) = {lse_shape}")
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    k, v, g = _expand_kv(q, k, v)
     pieces, impl, mask_impl = _plan(q, k, causal, q_pos, k_pos, backend)
-    return _backward_pieces(dout, q, k, v, out, lse, pieces, scale, impl, mask_impl)
+    dq, dk, dv = _backward_pieces(dout, q, k, v, out, lse, pieces, scale, impl, mask_impl)
+    return dq, _sum_groups(dk, g), _sum_groups(dv, g)

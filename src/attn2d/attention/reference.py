@@ -9,9 +9,11 @@ import torch
 def reference_attention(q, k, v, causal: bool = True, scale: float | None = None):
     """Exact softmax attention in float64 on full sequences.
 
-    q: (B, N, H, D), k, v: (B, N_k, H, D). Causal: query i sees key j <= i (top-left).
+    q: (B, N, H, D), k, v: (B, N_k, H_kv, D) with H a multiple of H_kv (grouped-query attention: query head h
+    uses k/v head h // (H / H_kv)). Causal: query i sees key j <= i (top-left).
     Returns out (B, N, H, D) float64 and lse (B, H, N) float64 (natural log; -inf for a row with no key)."""
-    q64, k64, v64 = (t.double() for t in (q, k, v))
+    g = q.shape[2] // k.shape[2]
+    q64, k64, v64 = q.double(), k.double().repeat_interleave(g, dim=2), v.double().repeat_interleave(g, dim=2)
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     s = torch.einsum("bqhd,bkhd->bhqk", q64, k64) * scale  # (B, H, N, N_k)
     if causal:

@@ -42,7 +42,7 @@ import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from attn2d.attention import AttentionImpl, kernels, merge, register
-from attn2d.attention.common import acc_dtype, check_qkv, recv_like, wire_bytes
+from attn2d.attention.common import acc_dtype, check_qkv, check_shapes, recv_like, wire_bytes
 from attn2d.attention.layout import Spans, layout_spans
 from attn2d.distributed import comm
 from attn2d.distributed.comm import CommOp
@@ -166,10 +166,7 @@ def _validate(q, k, v, ring: Ring, layout: str) -> None:
     if layout not in LAYOUTS:
         raise ValueError(f"ring_attention: unknown layout {layout!r}; use one of {', '.join(LAYOUTS)}")
     check_qkv("ring_attention", q, k, v)
-    if q.shape != k.shape or q.shape != v.shape:
-        raise ValueError(f"ring_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must have one "
-                         "shape (B, N/P, H, D): every rank holds N/P positions of each (grouped-query attention: "
-                         "repeat the k/v heads to q's count first)")
+    check_shapes("ring_attention", q, k, v)
     n, P = q.shape[1], ring.size
     if n < 1:
         raise ValueError(f"ring_attention: the local shard holds {n} positions; every rank needs at least one")
@@ -209,8 +206,9 @@ def _registered(layout: str):
 
 # ---------------------------------------------------------------------------------------------- analytic volume
 def comm_ops(batch: int, seq_len: int, heads: int, head_dim: int, rows: int, cols: int, dtype, causal: bool = True,
-             rank: int | None = None, layout: str = "zigzag") -> list[CommOp]:
+             rank: int | None = None, layout: str = "zigzag", kv_heads: int | None = None) -> list[CommOp]:
     """Per-rank communication of Ring Attention, op by op, forward then backward (see the module docstring).
+    kv_heads: heads of k and v (grouped-query attention; None = heads): only K/V and dK/dV circulate.
 
     The ring runs over all P = rows * cols ranks (the grid's shape does not matter). Every rank moves the same
     bytes, and neither `causal` nor `layout` changes the volume (masked blocks still circulate); `layout` only
@@ -226,8 +224,9 @@ def comm_ops(batch: int, seq_len: int, heads: int, head_dim: int, rows: int, col
     if P == 1:
         return []
     e, a = wire_bytes(dtype)
-    kv = 2 * batch * (seq_len // P) * heads * head_dim * e  # one K/V message (bytes)
-    dkv = 2 * batch * (seq_len // P) * heads * head_dim * a  # one dK/dV accumulator (bytes)
+    h_kv = kv_heads or heads
+    kv = 2 * batch * (seq_len // P) * h_kv * head_dim * e  # one K/V message (bytes)
+    dkv = 2 * batch * (seq_len // P) * h_kv * head_dim * a  # one dK/dV accumulator (bytes)
     return [
         CommOp("fwd", "kv_ring", "p2p", "world", P, (P - 1) * kv, (P - 1) * kv, P - 1, steps=P - 1, overlapped=True),
         CommOp("bwd", "kv_dkv_ring", "p2p", "world", P, (P - 1) * (kv + dkv), (P - 1) * (kv + dkv), P, steps=P,
