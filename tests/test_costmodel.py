@@ -300,3 +300,24 @@ def test_projection_rows_and_speedups():
     hw, shape = cm.load_hardware("a100_4gpn"), cm.load_model("gpt3_760m")
     wl = cm.Workload(seq_len=16384, fsdp=True, activation_checkpointing=True)
     assert t["attn2d"] == pytest.approx(cm.step_time("attn2d", shape, wl, 4, 4, hw).step_time_s)
+
+
+def test_grouped_query_attention_scales_only_the_kv_traffic():
+    """With n_kv_head = 1 of 8 heads Ring's volume (K/V only) falls 8x; Attention2D's Q and output traffic stays,
+    so on a square grid it no longer beats Ring's bytes, while a tall (R x 1) grid, which moves only K/V, does."""
+    from dataclasses import replace
+
+    from attn2d import advise
+
+    mha = cm.ModelShape(n_layer=1, d_model=512, n_head=8, vocab_size=8)
+    gqa = replace(mha, n_kv_head=1)
+    wl = cm.Workload(seq_len=4096)
+
+    def vol(alg, shape, rows, cols):
+        return cm.comm_volume_per_rank(cm.comm_ops_for(alg, shape, wl, rows, cols))
+
+    assert vol("ring", mha, 16, 1) == 8 * vol("ring", gqa, 16, 1)
+    assert vol("attn2d", mha, 4, 4) < vol("ring", mha, 16, 1)
+    assert vol("attn2d", gqa, 4, 4) > vol("ring", gqa, 16, 1) > vol("attn2d", gqa, 16, 1)
+    with pytest.raises(ValueError, match=r"n_kv_head 3 does not divide n_head 32"):
+        advise.main(["gpus=16", "model=gpt3_2p7b", "seq_len=8192", "n_kv_head=3"])
