@@ -5,7 +5,8 @@ width 4 d_model, tied input/output embeddings, no dropout (a benchmark). Positio
 form of GPT-NeoX) by default, applied to q and k before the attention callable; **learned** absolute embeddings as in
 GPT-3 are available with `positions="learned"` (they add max_seq_len x d_model parameters, 200M for d 1536 at 128K).
 Either way the model takes the *global* sequence positions of the tokens it holds, so one rank's shard of a
-sequence (any layout) sees exactly the embeddings the full sequence would.
+sequence (any layout) sees exactly the embeddings the full sequence would. Attention is multi-head as in GPT-3;
+`n_kv_head` < n_head gives grouped-query attention (k and v reach the attention callable with n_kv_head heads).
 
 The model is single-device code: it never imports torch.distributed. Sequence parallelism is applied from
 outside (attn2d.train): the caller passes `attention(q, k, v) -> out` on (B, L, H, D) shards, already bound to its
