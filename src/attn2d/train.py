@@ -18,6 +18,7 @@ on a GPU here.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import platform
@@ -211,7 +212,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sp: Seq
     idx_p, tgt_p = sp.shard(idx), sp.shard(targets)  # (B, N/P) each
     pos = sp.positions(idx.shape[1], idx.device)  # (N/P,)
     optimizer.zero_grad(set_to_none=True)
-    with counting_fsdp():  # FSDP2's own all-gathers / reduce-scatters counted like the attention's (when fsdp)
+    with counting_fsdp() if fsdp else contextlib.nullcontext():  # FSDP2's collectives counted like the attention's
         with torch.autocast(idx.device.type, dtype=autocast_dtype or torch.bfloat16,
                             enabled=autocast_dtype is not None):
             logits = model(idx_p, pos)  # (B, N/P, vocab)

@@ -11,6 +11,7 @@ False and the caller falls back to the analytic volume (attn2d.train.fsdp_comm).
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 from contextlib import contextmanager
@@ -26,13 +27,14 @@ _COUNTED = {"all_gather_single": ("input_tensor", GATHER), "reduce_scatter_singl
             "all_reduce": ("tensor", ALL_REDUCE)}
 
 
+@functools.lru_cache(maxsize=1)
 def _module():
+    """The patchable module, or None; checked once (its layout does not change while the process runs)."""
     try:
         mod = importlib.import_module(_MODULE)
     except ImportError:
         return None
-    real = getattr(mod, "dist", None)
-    if real is not dist and not isinstance(real, _CountingDist):
+    if getattr(mod, "dist", None) is not dist:
         return None
     for name, (arg, _) in _COUNTED.items():  # the argument each count reads must exist under that name
         if arg not in inspect.signature(getattr(dist, name)).parameters:
@@ -49,25 +51,29 @@ class _CountingDist:
     """torch.distributed, with the three collectives FSDP2 uses counted before they run."""
 
     def __getattr__(self, name):
-        real = getattr(dist, name)
-        if name not in _COUNTED:
-            return real
-        arg, op = _COUNTED[name]
-        sig = inspect.signature(real)
+        return _counted(name) if name in _COUNTED else getattr(dist, name)
 
-        def counted(*args, **kwargs):
-            bound = sig.bind(*args, **kwargs)
-            t = bound.arguments[arg]
-            g = dist.get_world_size(bound.arguments.get("group"))
-            b = t.numel() * t.element_size()
-            if g > 1:
-                if name == "all_reduce":
-                    comm._record(op, 2 * (g - 1) * b // g, 2 * (g - 1) * b // g, 2 * (g - 1))
-                else:
-                    comm._record(op, (g - 1) * b, (g - 1) * b, g - 1)
-            return real(*args, **kwargs)
 
-        return counted
+@functools.lru_cache(maxsize=None)
+def _counted(name: str):
+    """dist.<name>, recording its traffic first (built once per name, not per call)."""
+    real = getattr(dist, name)
+    arg, op = _COUNTED[name]
+    sig = inspect.signature(real)
+
+    def counted(*args, **kwargs):
+        bound = sig.bind(*args, **kwargs)
+        t = bound.arguments[arg]
+        g = dist.get_world_size(bound.arguments.get("group"))
+        b = t.numel() * t.element_size()
+        if g > 1:
+            if name == "all_reduce":
+                comm._record(op, 2 * (g - 1) * b // g, 2 * (g - 1) * b // g, 2 * (g - 1))
+            else:
+                comm._record(op, (g - 1) * b, (g - 1) * b, g - 1)
+        return real(*args, **kwargs)
+
+    return counted
 
 
 @contextmanager
