@@ -163,8 +163,7 @@ def attention2d_backward(dout_p, q_p, k_t, v_t, out_p, lse_p, grid: ProcessGrid,
     """Backward of Attention2D-NO (derived, see the module docstring): (dq_p, dk_p, dv_p) in fp32 (fp64)."""
     b, n, h, d = q_p.shape
     seq_len, rows, cols = n * grid.size, grid.rows, grid.cols
-    # B0: delta = rowsum(dout * out) of this rank's rows, in lse's dtype: (B, H, N/P)
-    delta_p = (dout_p.to(lse_p.dtype) * out_p.to(lse_p.dtype)).sum(-1).transpose(1, 2).contiguous()
+    delta_p = kernels.row_delta(dout_p, out_p)  # B0: rowsum(dout * out) of this rank's rows, (B, H, N/P) fp32
     # B1: one row all-gather of (lse, delta, q, dout), widest dtype first
     like = [lse_p, delta_p, q_p, dout_p]
     buf = comm.pack(like).unsqueeze(0)  # (1, bytes)

@@ -197,7 +197,7 @@ def _backward(dout_p, q_p, kv_t, out_p, lse_p, grid: ProcessGrid, causal: bool):
     acc = acc_dtype(q_p.dtype)
     left, right = grid.global_rank(r, c - 1), grid.global_rank(r, c + 1)
     up, down = grid.global_rank(r - 1, c), grid.global_rank(r + 1, c)
-    delta_p = (dout_p.to(acc) * out_p.to(acc)).sum(-1).transpose(1, 2).contiguous()  # B0: (B, H, n), fp32
+    delta_p = kernels.row_delta(dout_p, out_p)  # B0: rowsum(dout * out) of this rank's rows, (B, H, n) fp32
     own = [lse_p, delta_p, q_p, dout_p]  # widest dtype first: every view of a packed buffer stays aligned
     if C > 1:  # B1: first Q-side bundle in the background
         bundle = comm.pack(own)  # (bytes,) lse and delta fp32, then q, dout in q's dtype

@@ -132,7 +132,10 @@ def _pair_pieces(Q: Span, K: Span, qo: int, ko: int, bottom_right: bool) -> list
         if a + m < Q.n:  # the remaining rows see every key
             out.append(Piece(r1, qo + Q.n, ko, ko + K.n, "full"))
         return out
-    b = min(Q.n, max(a, _cdiv(K.last - Q.start, q_step)))  # rows [b, n) see every key
+    restrided = _restrided_pieces(Q, K, qo, ko, bottom_right)  # different steps: re-stride the staircase
+    if restrided is not None:
+        return restrided
+    b = min(Q.n, max(a, _cdiv(K.last - Q.start, q_step)))  # too many sub-spans: mask it; rows [b, n) see every key
     out = []
     if b > a:
         k_max = min(K.n, (Q.start + q_step * (b - 1) - K.start) // k_step + 1)  # keys seen by row b-1
@@ -143,36 +146,19 @@ def _pair_pieces(Q: Span, K: Span, qo: int, ko: int, bottom_right: bool) -> list
     return out
 
 
-def block_pieces(q_pos, k_pos, n_q: int, n_k: int, *, causal: bool, bottom_right: bool = True) -> list[Piece]:
-    """The backend calls for one block (see the module docstring). Pure: reads only the Spans."""
-    if not causal:
-        return [Piece(0, n_q, 0, n_k, "full")] if n_q and n_k else []
-    pieces, qo = [], 0
-    for Q in _norm_spans(q_pos, n_q):
-        ko = 0
-        for K in _norm_spans(k_pos, n_k):
-            restrided = _restrided_pieces(Q, K, qo, ko, bottom_right)
-            pieces += restrided if restrided is not None else _pair_pieces(Q, K, qo, ko, bottom_right)
-            ko += K.n
-        qo += Q.n
-    return pieces
-
-
 MAX_RESTRIDE_PAIRS = 64  # above this many sub-span pairs, an explicit mask is cheaper than the many small calls
 
 
 def _restrided_pieces(Q: Span, K: Span, qo: int, ko: int, bottom_right: bool) -> list[Piece] | None:
     """Causal pieces of a pair with different positive steps (the cyclic layouts of a non-square grid, e.g. q step
-    2 against k step 3), or None to leave the pair to `_pair_pieces` (an explicit mask over the staircase).
+    2 against k step 3), or None (more than MAX_RESTRIDE_PAIRS sub-span pairs) to leave `_pair_pieces` to mask
+    the staircase. Called by `_pair_pieces` only: both spans then hold >= 2 positions (a single position takes
+    the other span's step) and the pair is neither fully visible nor fully masked.
 
     With L = lcm(q step, k step), every (L / q step)-th row of Q is a span of step L, and so is every (L / k step)-th
     key of K: each pair of such sub-spans has equal steps, so it is offset-causal (no mask), and the pieces cover
     only the causal triangle instead of the whole rectangle (about half the work). The sub-spans are strided rows
     and keys of the block (Piece.q_stride, k_stride): no copy."""
-    if Q.n < 2 or K.n < 2 or Q.step <= 0 or K.step <= 0 or Q.step == K.step:
-        return None
-    if min(Q.start, Q.last) >= max(K.start, K.last) or min(K.start, K.last) > max(Q.start, Q.last):
-        return None  # fully visible or fully masked: _pair_pieces makes it one call or none
     L = math.lcm(Q.step, K.step)
     sq, sk = L // Q.step, L // K.step
     if sq * sk > MAX_RESTRIDE_PAIRS:
@@ -186,6 +172,20 @@ def _restrided_pieces(Q: Span, K: Span, qo: int, ko: int, bottom_right: bool) ->
                 out.append(Piece(qo + i + sq * p.q0, qo + i + sq * p.q1, ko + j + sk * p.k0, ko + j + sk * p.k1,
                                  p.kind, q_stride=sq, k_stride=sk))
     return out
+
+
+def block_pieces(q_pos, k_pos, n_q: int, n_k: int, *, causal: bool, bottom_right: bool = True) -> list[Piece]:
+    """The backend calls for one block (see the module docstring). Pure: reads only the Spans."""
+    if not causal:
+        return [Piece(0, n_q, 0, n_k, "full")] if n_q and n_k else []
+    pieces, qo = [], 0
+    for Q in _norm_spans(q_pos, n_q):
+        ko = 0
+        for K in _norm_spans(k_pos, n_k):
+            pieces += _pair_pieces(Q, K, qo, ko, bottom_right)
+            ko += K.n
+        qo += Q.n
+    return pieces
 
 
 # ---------------------------------------------------------------- running the pieces
@@ -377,6 +377,13 @@ def attn_forward(q, k, v, *, causal: bool, q_pos=None, k_pos=None, scale: float 
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     pieces, impl, mask_impl = _plan(q, k, causal, q_pos, k_pos, backend)
     return _forward_pieces(q, k, v, pieces, scale, impl, mask_impl)
+
+
+def row_delta(dout: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """delta = rowsum(dout * out) (B, H, Lq) in the accumulation dtype, from dout, out (B, Lq, H, D): what a caller
+    sends instead of out (attn_backward(..., out=None, delta=...))."""
+    acc = acc_dtype(out.dtype)
+    return (dout.to(acc) * out.to(acc)).sum(-1).transpose(1, 2).contiguous()
 
 
 def out_for_delta(dout: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
