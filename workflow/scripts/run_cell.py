@@ -306,8 +306,8 @@ def _run(a, command: list[str], info: dict, run_dir: Path, tree: lifecycle.Proce
             reason = f"Slurm job {job_id} ended {state} without a record; its log {job.get('stderr')}: {detail}"
         else:
             reason = reason_from_output(list(tail), rc)
-            if job_id is not None:
-                reason += f"\n(Slurm job {job_id} {job.get('job_name')}: {state or 'state unknown'})"
+            if job_id is not None:  # the job's state first: the exception may be long
+                reason = f"Slurm job {job_id} ({job.get('job_name')}) ended {state or 'in an unknown state'}; {reason}"
         if (run_dir / records.PARTIAL).exists():
             reason = "the run died half-way (only a .partial record was left); " + reason
         reason = reason[:REASON_CHARS]

@@ -34,6 +34,16 @@ log = logging.getLogger(__name__)
 WATCH_DELAY_S = 30  # longest wait between two sacct polls of a job (submitit: 600)
 
 
+def fast_slurm_watcher() -> None:
+    """Poll Slurm for every job at least every WATCH_DELAY_S: submitit's shared watcher waits up to 10 minutes
+    between two sacct calls late in a job, so a job that died without a result went unnoticed that long."""
+    import submitit
+    from submitit.slurm.slurm import SlurmInfoWatcher
+
+    if getattr(submitit.SlurmJob.watcher, "_delay_s", 0) > WATCH_DELAY_S:
+        submitit.SlurmJob.watcher = SlurmInfoWatcher(delay_s=WATCH_DELAY_S)
+
+
 def _run_dir(job_cfg) -> Path:
     """Where a sweep point's record goes: hydra.sweep.dir / hydra.sweep.subdir."""
     return Path(str(job_cfg.hydra.sweep.dir)) / str(job_cfg.hydra.sweep.subdir)
@@ -55,8 +65,8 @@ def _wait(jobs: dict[int, Any]) -> None:
         for i, j in jobs.items():
             state = str(j.state)
             nodes = j.get_info(mode="cache").get("NodeList")  # Slurm: from the last sacct poll
-            said = f"{state} on {nodes}" if nodes and nodes not in ("None", "None assigned") else state
-            if seen.get(i) != said:
+            said = f"{state} on {nodes}" if state == "RUNNING" and nodes and nodes != "None assigned" else state
+            if seen.get(i) != said and state != "UNKNOWN":  # UNKNOWN: sacct does not list it yet
                 log.info(f"job {j.job_id}: {said}")
                 seen[i] = said
         if not running:
@@ -84,12 +94,8 @@ class _ShapePerJob:
             os.chmod(sweep_dir, mode=int(str(self.config.hydra.sweep.mode), 8))
         log.info(f"Submitit '{self._EXECUTOR}' sweep output dir : {sweep_dir} ({len(groups)} job shape(s))")
 
-        if self._EXECUTOR == "slurm":  # notice a dead job within WATCH_DELAY_S, not submitit's 10 minutes
-            import submitit
-            from submitit.slurm.slurm import SlurmInfoWatcher
-
-            if getattr(submitit.SlurmJob.watcher, "_delay_s", 0) > WATCH_DELAY_S:
-                submitit.SlurmJob.watcher = SlurmInfoWatcher(delay_s=WATCH_DELAY_S)
+        if self._EXECUTOR == "slurm":
+            fast_slurm_watcher()
         launcher = self.config.hydra.runtime.choices.get("hydra/launcher")
         run_dirs = {}
         jobs = {}
