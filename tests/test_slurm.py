@@ -170,6 +170,7 @@ def test_preempted_job_is_requeued_and_completes(slurm_cluster, tmp_path):
     assert proc.returncode == 0, out[-3000:]
     rec = read_record(run_dir / "metrics.jsonl")
     assert rec.ok and len(rec.steps) == steps, (rec.status, len(rec.steps))
+    assert rec.header["job"]["job_id"] == job_id and rec.header["job"]["requeue_count"] == 1, rec.header["job"]
     log = (sweep_dir / ".submitit" / job_id / f"{job_id}_0_log.err").read_text()
     assert "this job is preempted" in log, log[-3000:]
     states = [s.split("|")[0] for s in _settled_states(job_id)]

@@ -89,44 +89,59 @@ def become_subreaper() -> bool:
         return False
 
 
+def _process_table() -> dict[int, tuple[int, str]]:
+    """{pid: (parent pid, state letter)} of every process, from /proc/<pid>/stat."""
+    table = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                rest = f.read().rsplit(")", 1)[1].split()  # after "(comm)", which may hold spaces
+            table[int(entry.name)] = (int(rest[1]), rest[0])
+        except (OSError, IndexError, ValueError):
+            pass
+    return table
+
+
 class ProcessTree:
     """The processes this process starts from now on, their descendants, and (as a subreaper) the orphans those
     leave behind; children that existed before are not part of it."""
 
     def __init__(self) -> None:
-        import psutil
+        self._before = self._children(_process_table())
 
-        self._psutil = psutil
-        self._before = {c.pid for c in psutil.Process().children()}
+    @staticmethod
+    def _children(table: dict[int, tuple[int, str]]) -> set[int]:
+        me = os.getpid()
+        return {pid for pid, (ppid, _) in table.items() if ppid == me}
+
+    def _members(self) -> tuple[list[int], list[int]]:
+        """(live members, zombie children of this process among them)."""
+        table = _process_table()
+        kids: dict[int, list[int]] = {}
+        for pid, (ppid, _) in table.items():
+            kids.setdefault(ppid, []).append(pid)
+        todo = [p for p in self._children(table) if p not in self._before]
+        zombies = [p for p in todo if table[p][1] == "Z"]
+        live = []
+        while todo:
+            pid = todo.pop()
+            if table[pid][1] not in "ZX":
+                live.append(pid)
+            todo.extend(kids.get(pid, []))
+        return live, zombies
 
     def pids(self) -> list[int]:
         """Live (non-zombie) members, from /proc."""
-        ps, out = self._psutil, []
-        for child in ps.Process().children():
-            if child.pid in self._before:
-                continue
-            try:
-                procs = [child, *child.children(recursive=True)]
-            except ps.NoSuchProcess:
-                continue
-            for p in procs:
-                try:
-                    if p.status() != ps.STATUS_ZOMBIE:
-                        out.append(p.pid)
-                except ps.NoSuchProcess:
-                    pass
-        return out
+        return self._members()[0]
 
     def reap(self) -> None:
         """Collect exited members that are this process's children (orphans adopted as subreaper)."""
-        ps = self._psutil
-        for child in ps.Process().children():
-            if child.pid in self._before:
-                continue
+        for pid in self._members()[1]:
             try:
-                if child.status() == ps.STATUS_ZOMBIE:
-                    os.waitpid(child.pid, os.WNOHANG)
-            except (ps.NoSuchProcess, ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
                 pass
 
     def kill(self, grace_s: float = 5.0) -> tuple[int, int]:
