@@ -9,8 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from attn2d import records
 from attn2d.slurm import job_name, main as slurm_main
 

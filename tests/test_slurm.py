@@ -285,7 +285,10 @@ def test_scancelled_job_keeps_its_whole_reason(slurm_cluster, tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             subprocess.run(["scancel", job_id], capture_output=True, timeout=30)
-    reason = read_record(run_dir).end["reason"]
+    rec = read_record(run_dir)
+    reason = rec.end["reason"]
+    job = rec.header["job"]  # written here from the job file and sacct: the job is named, placed, counted
+    assert (job["job_id"], job["partition"], job["requeue_count"]) == (job_id, "cpu", 0) and job["nodelist"], job
     assert "UncompletedJobError: Job " in reason and "has not produced any output (state: CANCELLED" in reason, reason
     assert f"Slurm job {job_id} (a2d:smoke_cpu:attn2d:1x2:48:tiny) ended CANCELLED;" in reason.splitlines()[0], reason
     assert took < 60, (took, out[-3000:])

@@ -184,6 +184,20 @@ def slurm_state(job_id: str) -> str | None:
     return None
 
 
+def slurm_accounting(job_id: str) -> tuple[str | None, int | None]:
+    """(node list, times requeued) of a job as sacct knows it; None where it does not."""
+    try:
+        out = subprocess.run(["sacct", "-n", "-P", "-X", "-D", "-j", job_id, "-o", "NodeList,State"],
+                             capture_output=True, text=True, timeout=30).stdout.strip().splitlines()
+    except (OSError, subprocess.TimeoutExpired):
+        return None, None
+    rows = [ln.split("|") for ln in out if "|" in ln]
+    if not rows:
+        return None, None
+    nodes = rows[-1][0]
+    return (None if nodes in ("", "None assigned") else nodes), sum(r[1].startswith("REQUEUED") for r in rows)
+
+
 def scancel(job_id: str) -> str:
     """Cancel a Slurm job; returns what happened, for the log."""
     try:

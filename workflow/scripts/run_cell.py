@@ -87,13 +87,15 @@ def reason_from_output(lines: list[str], rc: int | None, timed_out_min: float | 
     return f"attn2d.train exited with status {rc} without a record: {detail}"[:REASON_CHARS]
 
 
-def job_of(job: dict | None, launcher: str, info: dict | None = None) -> dict:
-    """The header's `job` key from job.json (what the launcher knew at submission), for a record written here."""
+def job_of(job: dict | None, launcher: str) -> dict:
+    """The header's `job` key for a record written here: job.json (what the launcher knew at submission), and
+    for a Slurm job the nodes and requeues accounting knows of."""
     job = job or {}
     params = job.get("launcher_params")
+    nodes, requeues = lifecycle.slurm_accounting(str(job["job_id"])) if _slurm_job(job) else (None, None)
     return {"launcher": job.get("launcher", launcher), "scheduler": job.get("scheduler"),
             "job_id": job.get("job_id"), "job_name": job.get("job_name"), "partition": job.get("partition"),
-            "account": job.get("account"), "nodelist": (info or {}).get("nodelist"), "requeue_count": None,
+            "account": job.get("account"), "nodelist": nodes, "requeue_count": requeues,
             "launcher_params": params if isinstance(params, dict) else None}
 
 
@@ -164,7 +166,7 @@ def run_command(command: list[str], tail: collections.deque) -> int:
     return proc.wait()
 
 
-def wait_job(run_dir: Path, job_id: str, tail: collections.deque) -> str:
+def wait_job(run_dir: Path, job_id: str) -> str:
     """Wait for a Slurm job this script did not submit (re-attached) to end; its final state. The job's own rank 0
     writes the record."""
     state, delay = None, 1.0
@@ -278,7 +280,7 @@ def _run(a, command: list[str], info: dict, run_dir: Path, tree: lifecycle.Proce
     _arm(a.timeout_min or None)
     try:
         if attached:
-            state = wait_job(run_dir, job["job_id"], tail)
+            state = wait_job(run_dir, job["job_id"])
         else:
             rc = run_command(command, tail)
     except Stop as e:
