@@ -81,6 +81,36 @@ def test_ctrl_c_stops_every_rank_and_records_the_interrupt(tmp_path):
     assert not (run_dir / records.PARTIAL).exists()
 
 
+def test_rerun_after_run_cell_was_killed_outright_does_not_race_its_leftovers(tmp_path):
+    """SIGKILL of run_cell.py alone (nothing can be stopped then) leaves the local launcher, controller and ranks
+    running; the next run of the cell stops them before it starts, so no leftover renames the new run's record,
+    and it ends with its own ok record and nothing left behind."""
+    run_dir = tmp_path / "cell"
+    first = subprocess.Popen(_run_cell_cmd(run_dir), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
+    try:
+        _wait_ranks_running(run_dir, first)
+        first.kill()
+        first.communicate(timeout=30)
+        assert _cell_processes(run_dir)  # the leftovers
+        short = [sys.executable, "-m", "attn2d.train", "-m", "experiment=smoke_cpu", "attention=attn2d", "grid=1x2",
+                 "benchmark.seq_len=48", "benchmark.steps=2", "benchmark.progress=false",
+                 f"hydra.sweep.dir={run_dir}", "hydra.sweep.subdir=."]
+        res = subprocess.run(_run_cell_cmd(run_dir, train=short), cwd=REPO, capture_output=True, text=True,
+                             timeout=120)
+    finally:
+        for pid in _cell_pids(run_dir):
+            os.kill(pid, signal.SIGKILL)
+    assert "leftover process(es) of an earlier run of this cell" in res.stdout, res.stdout[-3000:]
+    rec = records.read_record(run_dir)
+    assert rec.ok and len(rec.steps) == 2, rec.end
+    assert not _cell_processes(run_dir), _cell_processes(run_dir)
+
+
+def _cell_pids(run_dir: Path) -> list[int]:
+    return [int(ln.split()[0]) for ln in _cell_processes(run_dir)]
+
+
 def test_second_run_of_a_cell_fails_fast_on_the_lock(tmp_path):
     """While one run_cell.py runs a cell, a second one on the same run dir exits at once (75) naming the lock and
     its holder, and leaves the first run's files alone."""

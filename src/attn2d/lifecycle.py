@@ -104,6 +104,45 @@ def _process_table() -> dict[int, tuple[int, str]]:
     return table
 
 
+def processes_mentioning(text: str) -> list[int]:
+    """Pids of live processes (not this one) whose command line contains `text`."""
+    out = []
+    for pid, (_, state) in _process_table().items():
+        if pid == os.getpid() or state in "ZX":
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if text in f.read().replace(b"\0", b" ").decode(errors="replace"):
+                    out.append(pid)
+        except OSError:
+            pass
+    return out
+
+
+def kill_pids(pids: list[int], grace_s: float = 5.0) -> None:
+    """SIGTERM `pids`, SIGKILL those still alive after `grace_s`."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for p in pids:
+            try:
+                os.kill(p, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + (grace_s if sig == signal.SIGTERM else 10.0)
+        while time.monotonic() < deadline and any(_alive(p) for p in pids):
+            time.sleep(0.1)
+        pids = [p for p in pids if _alive(p)]
+        if not pids:
+            return
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except (OSError, IndexError):
+        return False
+
+
 class ProcessTree:
     """The processes this process starts from now on, their descendants, and (as a subreaper) the orphans those
     leave behind; children that existed before are not part of it."""

@@ -9,6 +9,7 @@ sure it leaves a complete record, no second run beside it and no process or job 
   those copies to the cell rule as a parameter, so a failed cell is run again by the next `snakemake` (Snakemake's
   "params changed" rerun trigger), see workflow/rules/run.smk.
 - One run per cell: <run dir>/.lock is held (flock) while this runs; a second run of the cell fails at once.
+  Processes left by an earlier local run whose run_cell.py was SIGKILLed are stopped before this run starts.
 - The launcher writes <run dir>/job.json when it submits the cell's job (attn2d.lifecycle). On SIGINT, SIGTERM or
   SIGHUP this script stops every process it started (SIGTERM, SIGKILL after a grace time; it is their subreaper,
   so none escapes), cancels the cell's Slurm job (scancel) and writes a failed record "interrupted by SIGINT".
@@ -256,8 +257,25 @@ def _previous_job(run_dir: Path, command: list[str]) -> tuple[dict | None, str |
     return job, ("same" if args is not None and job.get("args") == args else "other")
 
 
+def _stop_leftovers(run_dir: Path) -> None:
+    """Processes of an earlier LOCAL run of this cell whose run_cell.py was killed outright (SIGKILL: nothing could
+    stop them then): stop them now, before they race this run over the record. Never a Slurm job's: those are
+    re-attached or cancelled."""
+    job = lifecycle.read_job_file(run_dir)
+    if not job or job.get("scheduler") != "local" or not job.get("folder"):
+        return
+    pids = lifecycle.processes_mentioning(str(Path(job["folder"]).resolve()))
+    launcher = job.get("pid")
+    if isinstance(launcher, int) and launcher in lifecycle.processes_mentioning("attn2d.train"):
+        pids.append(launcher)
+    if pids:
+        say(f"stopping {len(pids)} leftover process(es) of an earlier run of this cell (pids {pids})")
+        lifecycle.kill_pids(pids, GRACE_S)
+
+
 def _run(a, command: list[str], info: dict, run_dir: Path, tree: lifecycle.ProcessTree) -> int:
     tail: collections.deque[str] = collections.deque(maxlen=400)
+    _stop_leftovers(run_dir)
     job, match = _previous_job(run_dir, command)
     attached = match == "same"
     if match == "other":  # the cell changed since: that job would write into this run dir
