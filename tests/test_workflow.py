@@ -328,4 +328,4 @@ def test_run_cell_kills_a_run_past_its_time_limit(tmp_path):
     assert rc.main(_cell_args(tmp_path / "cell", "--timeout-min", "0.02") + sleeper) == 0
     assert __import__("time").monotonic() - t0 < 30
     rec = records.read_record(tmp_path / "cell")
-    assert rec.status == "failed" and rec.end["reason"].startswith("timed out: still running after 0.02 min")
+    assert rec.status == "failed" and rec.end["reason"].startswith("timed out after 0.02 min")

@@ -2,7 +2,8 @@
 
 metrics.jsonl holds one JSON object per line (schema: schemas/metrics.schema.json):
     {"kind": "header", "cell": {...}, "config": {...}, "versions": {...}, "hosts": [...], "devices": [...],
-     "git_rev": ..., "started_at": iso}
+     "git_rev": ..., "started_at": iso, "job": {launcher, scheduler, job_id, job_name, partition, account,
+     nodelist, requeue_count, launcher_params} | null (optional: where it ran, attn2d.slurm.job_header)}
     {"kind": "step", "step", "step_time_s", "tokens_per_s", "tflops_per_gpu", "mfu", "max_mem_gib",
      "comm_bytes_sent", "comm_bytes_received", "comm_messages", "attn_comm_bytes_sent", "attn_comm_messages",
      "loss", "comm_by_op": {op: {bytes_sent, bytes_received, messages}}, "comm_per_rank": [...]}   (per timed step)

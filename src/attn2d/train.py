@@ -39,6 +39,7 @@ from attn2d.config import Settings, gpt_config, validate
 from attn2d.distributed import ProcessGrid, comm, count_comm, destroy_distributed, init_distributed
 from attn2d.distributed.fsdp_counter import counting_fsdp, fsdp_counting_supported
 from attn2d.model import GPT, shard_loss_sum
+from attn2d.slurm import job_header
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 GRAD_BUCKET_BYTES = 64 * 2**20
@@ -311,7 +312,7 @@ def _fallback_header(cfg: DictConfig, world_size: int | None, dev: torch.device,
     host = socket.gethostname()
     return {"cell": _cell(cfg, world_size, [host], dev), "config": _container(cfg), "versions": versions(),
             "hosts": [host], "devices": [device_name(dev)], "git_rev": git_rev() if with_git else None,
-            "started_at": started, "launcher": launcher}
+            "started_at": started, "launcher": launcher, "job": job_header()}
 
 
 def _guess_rank() -> int:
