@@ -48,3 +48,42 @@ localrules:
 rule all:
     input:
         final_outputs(),
+
+
+# The end: every table and figure that could be drawn is drawn (failed cells exit 0 with a failed record, and
+# keep-going runs the rest); then the failed cells are listed and the exit status is 1 unless
+# allow_failed_cells=true. A dry run ends with the cell jobs counted by job shape.
+def report_failed_cells(ended_with_error: bool) -> None:
+    failed = status_mod.failed_cells(JOBS)
+    if failed:
+        say(f"\nattn2d: {len(failed)} of {len(JOBS)} planned cells FAILED (their records keep the whole reason):\n"
+            + status_mod.failed_table(failed))
+        if flag("allow_failed_cells"):
+            say("attn2d: allow_failed_cells=true: the tables and figures show them as failed; exit status 0")
+        else:
+            say("attn2d: exit status 1 (accept failed cells with --config allow_failed_cells=true; the next "
+                "snakemake re-runs them unless retry_failed=false)")
+    if (failed and not flag("allow_failed_cells")) or ended_with_error:
+        sys.exit(1)
+
+
+onsuccess:
+    report_failed_cells(False)
+
+
+onerror:
+    report_failed_cells(True)
+
+
+def _dry_run_shapes() -> None:  # at exit: Snakemake has no hook after a dry run
+    if not getattr(workflow, "dryrun", False) or workflow.dag is None:
+        return
+    jobs = [j for j in workflow.dag.needrun_jobs(exclude_finished=False) if j.rule.name == "cell"]
+    if jobs:
+        say(status_mod.shape_summary({k: j.resources.get(k) for k in status_mod.SHAPE_KEYS} for j in jobs))
+
+
+if dry_run():
+    import atexit
+
+    atexit.register(_dry_run_shapes)
