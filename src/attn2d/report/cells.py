@@ -166,7 +166,11 @@ def split_overrides(text: str | Iterable[str] | None) -> list[str]:
     if text is None:
         return []
     if isinstance(text, str):
-        return shlex.split(text)
+        try:
+            return shlex.split(text)
+        except ValueError as e:  # an unbalanced quote
+            raise PlanError(f"overrides {text!r} are not shell-like words ({e}); quote a value holding spaces or "
+                            "quotes for Hydra, e.g. key='\"a b\"'") from None
     return [str(t) for t in text]
 
 
