@@ -443,6 +443,12 @@ def plan(
     for exp in (e for e in selected if e in sweeps):
         sw = sweeps[exp]
         composed: dict[tuple[str, ...], DictConfig | None] = {}
+        lov = list(launcher_ovr)  # less those with unknown keys (reported once)
+        if lov:
+            plain = compose(conf_dir, exp, [*sw.task_overrides, f"hydra/launcher={sw.launcher}"])
+            found = checks.key_problems(lov, plain, "launcher override")
+            problems.extend(f"experiment {exp}: {m}" for m in found)
+            lov = [o for o in lov if not checks.key_problems([o], plain, "launcher override")]
         cells = []
         for point in sw.points:
             pd = _point_dict(point)
@@ -451,10 +457,9 @@ def plan(
             if groups not in composed:  # one compose per group choice (the launcher derives the job from the grid)
                 ovr = [*sw.task_overrides, *groups, f"hydra/launcher={sw.launcher}"]
                 try:
-                    composed[groups] = compose(conf_dir, exp, [*ovr, *launcher_ovr])
-                except Exception as e:  # noqa: BLE001 - a wrong launcher key or group option
-                    found = checks.key_problems(launcher_ovr, compose(conf_dir, exp, ovr), "launcher override")
-                    problems.extend(f"experiment {exp}: {m}" for m in found or [f"{' '.join(groups)}: {_why(e)}"])
+                    composed[groups] = compose(conf_dir, exp, [*ovr, *lov])
+                except Exception as e:  # noqa: BLE001 - a group option or launcher value Hydra refuses
+                    problems.append(f"experiment {exp}: {' '.join(groups)} {' '.join(lov)}: {_why(e)}")
                     composed[groups] = None
             cfg = composed[groups]
             if cfg is None:
