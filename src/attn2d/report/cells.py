@@ -18,6 +18,7 @@ dry run shows what the Slurm job will ask for.
 """
 from __future__ import annotations
 
+import copy
 import json
 import shlex
 from dataclasses import dataclass, field
@@ -223,8 +224,15 @@ def compose(conf_dir: str | Path, experiment: str, overrides: Iterable[str] = ()
         known = sorted(p.stem for p in (conf_dir / "experiment").glob("*.yaml"))
         raise PlanError(f"experiment {experiment!r} has no file {conf_dir}/experiment/{experiment}.yaml; "
                         f"known experiments: {', '.join(known)}")
-    with initialize_config_dir(config_dir=str(conf_dir), version_base=None):
-        return hydra_compose("config", overrides=[f"experiment={experiment}", *overrides], return_hydra_config=True)
+    key = (str(conf_dir), experiment, tuple(overrides))
+    if key not in _COMPOSED:  # the plan composes the same (experiment, overrides) several times; a copy is returned
+        with initialize_config_dir(config_dir=str(conf_dir), version_base=None):
+            _COMPOSED[key] = hydra_compose("config", overrides=[f"experiment={experiment}", *overrides],
+                                           return_hydra_config=True)
+    return copy.deepcopy(_COMPOSED[key])
+
+
+_COMPOSED: dict[tuple, DictConfig] = {}  # one process = one checkout: conf/ does not change under it
 
 
 def experiment_names(conf_dir: str | Path) -> list[str]:
