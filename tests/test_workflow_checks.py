@@ -184,38 +184,34 @@ def _small(wd: Path):
     return plan
 
 
-def test_a_corrupt_record_is_set_aside_and_its_cell_run_again(tmp_path):
+def test_corrupt_and_superseded_records_are_set_aside_and_their_cells_run_again(tmp_path):
+    """One record with a NaN step time (read as ok before), one made with another time limit than the plan's:
+    a dry run names both and moves nothing; a run (rerun_changed_launcher=true) moves them aside, kept, so that
+    their cells run again."""
     wd = workdir(tmp_path)
     plan = _small(wd)
-    bad = wd / next(iter(plan.jobs.values())).record
+    corrupt, changed = list(plan.jobs.values())[:2]
+    bad = wd / corrupt.record
     text = re.sub(r'"step_time_s": [0-9.e+-]+', '"step_time_s": NaN', bad.read_text(), count=1)
     assert "NaN" in text
     bad.write_text(text)
+    rec = records.read_record(wd / changed.record)
+    job = {"launcher": "local_cpu", "launcher_params": {**changed.resources.params, "timeout_min": 5}}
+    records.write(wd / changed.run_dir, {**rec.header, "job": job}, rec.steps)
+
     dry = smk(wd, "-n", "--cores", "1", *SMALL)
-    assert dry.returncode == 0 and "non-finite number NaN" in dry.stderr and "corrupt" in dry.stderr
-    assert bad.exists()  # a dry run moves nothing
-    p = smk(wd, "--cores", "1", *SMALL, "--", "results/tables/cells/local_speedup.csv")
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    assert "non-finite number NaN" in dry.stderr and f"moves it to {corrupt.run_dir}/corrupt/" in dry.stderr
+    assert f"{changed.run_dir}: launcher settings changed since its record (timeout_min 5 -> 60)" in dry.stderr
+    assert "rerun_changed_launcher=true" in dry.stderr
+    assert bad.exists() and (wd / changed.record).exists()  # a dry run moves nothing
+
+    p = smk(wd, "--cores", "1", *SMALL, "rerun_changed_launcher=true", "--", "results/tables/cells/local_speedup.csv")
     assert p.returncode == 0, p.stderr[-2000:]
     kept = bad.parent / "corrupt" / "metrics-1.jsonl"
     assert kept.read_text() == text and f"moved to {kept.relative_to(wd)}" in p.stderr
-    assert not bad.exists()  # so the next run runs the cell (its output is missing)
-
-
-def test_changed_launcher_settings_are_reported_and_rerun_on_request(tmp_path):
-    wd = workdir(tmp_path)
-    plan = _small(wd)
-    cell = next(iter(plan.jobs.values()))
-    rec = records.read_record(wd / cell.record)
-    header = {**rec.header, "job": {"launcher": "local_cpu", "launcher_params": {**cell.resources.params,
-                                                                                  "timeout_min": 5}}}
-    records.write(wd / cell.run_dir, header, rec.steps)
-    dry = smk(wd, "-n", "--cores", "1", *SMALL)
-    assert dry.returncode == 0
-    assert f"{cell.run_dir}: launcher settings changed since its record (timeout_min 5 -> 60)" in dry.stderr
-    assert "rerun_changed_launcher=true" in dry.stderr and not dry_run_cells(dry.stdout)
-    p = smk(wd, "--cores", "1", *SMALL, "rerun_changed_launcher=true", "--", "results/tables/cells/local_speedup.csv")
-    assert p.returncode == 0 and (wd / cell.run_dir / "superseded" / "metrics-1.jsonl").exists()
-    assert not (wd / cell.record).exists()  # so the next run runs the cell
+    assert (wd / changed.run_dir / "superseded" / "metrics-1.jsonl").exists()
+    assert not bad.exists() and not (wd / changed.record).exists()  # so the next run runs both cells
 
 
 def test_a_figure_says_when_its_cells_ran_in_different_places(tmp_path, capsys):
