@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -247,3 +248,15 @@ def test_a_fresh_clone_runs_its_cells(tmp_path):
     out = smk(wd, "-n", "--cores", "1", "--config", "launcher=slurm_cpu", "experiments=[local_speedup]",
               "sweep=benchmark.seq_len=144 grid=2x2", "modelled=false", "cluster_checks=false")
     assert out.returncode == 0 and len(dry_run_cells(out.stdout)) == 3, out.stdout[-2000:]
+
+
+def test_a_cells_command_is_a_quoted_argument_list():
+    """An override value with a space, quotes and shell syntax stays ONE argument of the cell's command (the cell
+    rule pastes the command after `--` as shell words)."""
+    value = "'\"x y;$(touch PWNED)\"'"
+    plan = C.plan(["local_speedup"], conf_dir=CONF_DIR, launcher="local_cpu", sweep="benchmark.seq_len=144 grid=2x2",
+                  overrides=f"model.name={value}")
+    cell = next(iter(plan.jobs.values()))
+    args = shlex.split(plan.command(cell, "python"))
+    assert 'model.name="x y;$(touch PWNED)"' in args
+    assert f"hydra.sweep.dir='{cell.run_dir}'" in args and args[:4] == ["python", "-m", "attn2d.train", "-m"]
