@@ -53,7 +53,11 @@ rule all:
 # The end: every table and figure that could be drawn is drawn (failed cells exit 0 with a failed record, and
 # keep-going runs the rest); then the failed cells are listed and the exit status is 1 unless
 # allow_failed_cells=true. A dry run ends with the cell jobs counted by job shape.
+_REPORTED = []
+
+
 def report_failed_cells(ended_with_error: bool) -> None:
+    _REPORTED.append(True)
     failed = status_mod.failed_cells(JOBS)
     if failed:
         say(f"\nattn2d: {len(failed)} of {len(JOBS)} planned cells FAILED (their records keep the whole reason):\n"
@@ -75,15 +79,23 @@ onerror:
     report_failed_cells(True)
 
 
-def _dry_run_shapes() -> None:  # at exit: Snakemake has no hook after a dry run
-    if not getattr(workflow, "dryrun", False) or workflow.dag is None:
+def _at_exit() -> None:
+    """Snakemake has no hook after a dry run, nor after "Nothing to be done": a dry run ends with the cell jobs by
+    shape; a run that had nothing to do still lists the failed cells (their records are kept as failed, e.g. with
+    retry_failed=false; the exit status stays 0 there)."""
+    if workflow.dag is None or _REPORTED:
+        return
+    if not getattr(workflow, "dryrun", False):
+        failed = status_mod.failed_cells(JOBS, ask_scheduler=False) if workflow.executor_plugin is not None else []
+        if failed:
+            say(f"\nattn2d: nothing was run, but {len(failed)} of {len(JOBS)} planned cells are FAILED:\n"
+                + status_mod.failed_table(failed))
         return
     jobs = [j for j in workflow.dag.needrun_jobs(exclude_finished=False) if j.rule.name == "cell"]
     if jobs:
         say(status_mod.shape_summary({k: j.resources.get(k) for k in status_mod.SHAPE_KEYS} for j in jobs))
 
 
-if dry_run():
-    import atexit
+import atexit
 
-    atexit.register(_dry_run_shapes)
+atexit.register(_at_exit)
