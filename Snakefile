@@ -12,6 +12,8 @@
 #   figures.smk  tables -> results/figures/<experiment>/<kind>.png|pdf, labelled measured / modelled
 #   model.smk    (the cost model's rules, when present) -> results/tables/projection_paper.csv
 # Config keys: workflow/config/config.yaml (checked against workflow/schemas/config.schema.yaml).
+# Before anything runs the plan is checked (attn2d.report.checks: one error listing every problem); at the end the
+# failed cells are listed and the exit status is 1 if any planned cell failed (allow_failed_cells=true: 0).
 from snakemake.utils import min_version, validate
 
 min_version("9.0")

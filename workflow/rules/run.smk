@@ -9,7 +9,9 @@
 # retry_failed=false it is computed as the value the failed run had, so failed cells stay as they are. A failed
 # cell thus always has a record (status failed, its reason) and appears in the tables as failed.
 # Where the job runs (launcher, partition, account, nodes, time limit) are resources, not params: changing them
-# does not re-run cells that have a record, and the dry run (-n) prints them for every cell.
+# does not re-run cells that have a record; the next snakemake names such cells (common.smk check_records) and
+# rerun_changed_launcher=true re-runs them. The dry run (-n) prints them for every cell and counts jobs by shape.
+# A corrupt record is moved to <run dir>/corrupt/ before the DAG is built, so its cell runs again.
 # Pre-emption: the launchers are checkpointable, so submitit requeues a pre-empted Slurm job and this job keeps
 # waiting; an interrupted Snakemake leaves the cell incomplete and `rerun-incomplete` runs it again.
 
