@@ -120,7 +120,8 @@ def _ask(cmd: list[str]) -> tuple[list[str] | None, str]:
     except (OSError, subprocess.TimeoutExpired) as e:
         return None, f"{cmd[0]} did not answer ({e})"
     if p.returncode != 0:
-        return None, f"{cmd[0]} failed: {(p.stderr or p.stdout).strip().splitlines()[-1:] or ['exit ' + str(p.returncode)]}"
+        said = (p.stderr or p.stdout).strip().splitlines()
+        return None, f"{cmd[0]} failed: {said[-1] if said else f'exit status {p.returncode}'}"
     return [ln.strip() for ln in p.stdout.splitlines() if ln.strip()], ""
 
 
@@ -148,6 +149,3 @@ def cluster_problems(wanted: Mapping[str, Mapping[str, list[str]]]) -> tuple[lis
     return problems, notes
 
 
-def summarize(problems: Sequence[str]) -> list[str]:
-    """Identical problems once each, in order of first appearance."""
-    return list(dict.fromkeys(problems))
