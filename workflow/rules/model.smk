@@ -46,8 +46,8 @@ rule projection:
     params:
         experiments=" ".join(PAPER_EXPERIMENTS),
     shell:
-        "{PYTHON} {input.script} --out {output.projection} --sensitivity {output.sensitivity} --figures ''"
-        " --experiments {params.experiments} > {log} 2>&1"
+        "{PYTHON:q} {input.script:q} --out {output.projection:q} --sensitivity {output.sensitivity:q} --figures ''"
+        " --experiments {params.experiments} > {log:q} 2>&1"
 
 
 rule costmodel_validation:
@@ -68,8 +68,8 @@ rule costmodel_validation:
     params:
         experiments=" ".join(LOCAL_VALIDATION),
     shell:
-        "{PYTHON} {input.script} --runs runs --experiments {params.experiments} --hardware local_cpu"
-        " --table {output.csv} --figure results/figures/costmodel/validation_local > {log} 2>&1"
+        "{PYTHON:q} {input.script:q} --runs runs --experiments {params.experiments} --hardware local_cpu"
+        " --table {output.csv:q} --figure results/figures/costmodel/validation_local > {log:q} 2>&1"
 
 
 rule advise_example:
@@ -81,8 +81,8 @@ rule advise_example:
     log:
         "results/logs/costmodel/advise_example.log",
     shell:
-        "{PYTHON} -m attn2d.advise gpus=64 gpus_per_node=4 model=gpt3_13b seq_len=65536 hardware=a100_4gpn"
-        " fsdp=true activation_checkpointing=true > {output} 2> {log}"
+        "{PYTHON:q} -m attn2d.advise gpus=64 gpus_per_node=4 model=gpt3_13b seq_len=65536 hardware=a100_4gpn"
+        " fsdp=true activation_checkpointing=true > {output:q} 2> {log:q}"
 
 
 rule calibrate:
@@ -92,7 +92,7 @@ rule calibrate:
     log:
         "results/logs/costmodel/calibrate.log",
     shell:
-        "{PYTHON} -m attn2d.calibrate --world 4 9 --out {output} > {log} 2>&1"
+        "{PYTHON:q} -m attn2d.calibrate --world 4 9 --out {output:q} > {log:q} 2>&1"
 
 
 localrules:

@@ -58,11 +58,38 @@ def seq_label(n: int) -> str:
     return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
 
 
+WHERE = ("job_launcher", "partition", "device_name")  # what must be the same for cells to be compared
+
+
+def mixed_origins(table: pd.DataFrame) -> dict[str, list[str]]:
+    """The ok cells of a table by where they ran ("launcher slurm_cpu, partition cpu, device X" -> cells), when
+    they ran in more than one place; {} otherwise (records without a `job` header count by device only)."""
+    ok = table[table.status == "ok"]
+    cols = [c for c in WHERE if c in ok.columns]
+    if ok.empty or not cols:
+        return {}
+    groups: dict[str, list[str]] = {}
+    for _, r in ok.iterrows():
+        key = ", ".join(f"{c.replace('job_', '')} {r[c]}" for c in cols if pd.notna(r[c]))
+        groups.setdefault(key or "unknown", []).append(str(r.get("cell")))
+    return groups if len(groups) > 1 else {}
+
+
 def measured(table: pd.DataFrame) -> Source:
-    """A collect table as a source, labelled with the hardware its ok runs report."""
+    """A collect table as a source, labelled with the hardware its ok runs report. Cells that ran in different
+    places (launcher, partition, device) are drawn, and the label says so, naming how many ran where (the cells
+    are printed)."""
+    import sys
+
     from attn2d.report.collect import hardware_summary
 
-    return Source("measured", f"measured: {hardware_summary(table)}", table.copy())
+    label = f"measured: {hardware_summary(table)}"
+    mixed = mixed_origins(table)
+    if mixed:
+        label += "\nMIXED ORIGINS, not comparable: " + "; ".join(f"{k} ({len(v)} cells)" for k, v in mixed.items())
+        for k, v in mixed.items():
+            print(f"figures: cells from {k}: {', '.join(v)}", file=sys.stderr)
+    return Source("measured", label, table.copy())
 
 
 def modelled(projection: pd.DataFrame, hardware: str, like: pd.DataFrame | None = None) -> Source:
