@@ -13,7 +13,9 @@
 # rerun_changed_launcher=true re-runs them. The dry run (-n) prints them for every cell and counts jobs by shape.
 # A corrupt record is moved to <run dir>/corrupt/ before the DAG is built, so its cell runs again.
 # Pre-emption: the launchers are checkpointable, so submitit requeues a pre-empted Slurm job and this job keeps
-# waiting; an interrupted Snakemake leaves the cell incomplete and `rerun-incomplete` runs it again.
+# waiting. Interrupts (Ctrl-C, SIGTERM, SIGHUP) reach run_cell.py, which stops the cell's processes and cancels its
+# Slurm job, or with ATTN2D_DETACH=1 leaves the job running; the next run re-attaches to a job still pending or
+# running (its id is in <run dir>/job.json) instead of submitting a second one. See README "Interrupts".
 
 
 rule cell:
