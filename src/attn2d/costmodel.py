@@ -30,7 +30,12 @@ A step is priced from three parts, every assumption a number in one hardware pro
                                               max over ranks  (bytes leaving the rank on-node) / intra bandwidth )
     (GPU-NIC affinity: a collective's channels use its members' NICs; a point-to-point stream counts as a group
     of one, its GPU's NIC.)
-    NCCL runs all-gather and reduce-scatter as rings (NCCL's tuning model only considers rings for them; trees are
+    `collective_algorithm` "ring" (default) or "tree" sets the inter-node latency of collectives: ring
+    nodes - 1 inter-node alphas, tree ceil(log2 nodes) (NCCL's tree all-reduce; PAT all-gather / reduce-scatter,
+    which NCCL uses with one GPU per node); the bandwidth term is the same (an assumption).
+    `p2p_inter_efficiency` scales the inter-node bandwidth of point-to-point streams (ring p2p, Attention2D-O):
+    an unknown (NCCL send/recv uses fewer channels per peer than a collective), 1 by default.
+    By default NCCL runs all-gather and reduce-scatter as rings (NCCL's tuning model only considers rings for them; trees are
     for all-reduce): (steps - inter_steps) intra-node alphas plus inter_steps = nodes_in_group - 1 inter-node
     alphas, as in NCCL's src/graph/tuning.cc. Point-to-point rings pay an inter-node alpha per step once any
     edge leaves a node (each step waits for its slowest edge).
@@ -132,6 +137,8 @@ class Hardware:
     kinds: dict = field(default_factory=dict)  # {kind: Link} per-kind override of the intra link (measured)
     kinds_by_world: dict = field(default_factory=dict)  # {world: {kind: Link}} measured at several world sizes
     overlap_efficiency: float = 1.0
+    p2p_inter_efficiency: float = 1.0  # fraction of the inter-node bandwidth a point-to-point stream achieves
+    # relative to collectives (NCCL send/recv opens fewer channels per peer than a ring collective); 1: the same
     placement: str = "row"  # which grid dimension lies inside a node (attn2d.distributed.placement): row or col
     collective_algorithm: str = "ring"  # inter-node latency of collectives: "ring" (nodes - 1 steps) or "tree"
     # (log2(nodes) steps: NCCL's tree all-reduce; PAT all-gather / reduce-scatter with one GPU per node)
@@ -251,6 +258,7 @@ def hardware_from_dict(d: dict, name: str | None = None) -> Hardware:
         kinds=kinds,
         kinds_by_world=by_world,
         overlap_efficiency=float(d.get("overlap", {}).get("efficiency", 1.0)),
+        p2p_inter_efficiency=float(inter.get("p2p_efficiency", 1.0)),
         placement=str(n.get("placement", "row")),
         collective_algorithm=str(n.get("collective_algorithm", "ring")),
         source=str(d.get("source", "")),
@@ -435,9 +443,10 @@ def price_op(op: CommOp, rows: int, cols: int, hw: Hardware, glue: bool = True) 
     link = hw.intra_link(op.kind, rows * cols)
     t_bw = max_intra / link.bw_bytes_per_s
     if inter:
-        t_bw = max(t_bw, max_node_out / hw.inter.bw_bytes_per_s)
+        eff = hw.p2p_inter_efficiency if op.kind == "p2p" else 1.0
+        t_bw = max(t_bw, max_node_out / (hw.inter.bw_bytes_per_s * eff))
         if hw.inter_rank_bw_bytes_per_s:
-            t_bw = max(t_bw, max_nic_load / hw.inter_rank_bw_bytes_per_s)
+            t_bw = max(t_bw, max_nic_load / (hw.inter_rank_bw_bytes_per_s * eff))
     steps = max(1, op.steps)
     twice = 2 if op.kind == "all_reduce" else 1
     n_calls = max(1, steps // max(1, (op.group_size - 1) * twice))  # collectives bundled in one op (buckets, units)
