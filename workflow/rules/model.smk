@@ -2,6 +2,9 @@
 # grid advisor's example, and (on demand only) calibration of this machine's profile.
 #   results/tables/projection_paper.csv                    modelled step times of every A100 / H100 paper cell
 #   results/tables/costmodel/sensitivity_paper.csv         modelled speedup at 64 GPUs vs the unknown network/kernel
+#   results/tables/costmodel/paper_inverse.csv|md          which settings of the unknowns reproduce the stated maxima
+#   results/figures/costmodel/paper_band_speedup.png|pdf   the projection's band over that region (modelled)
+#   results/figures/costmodel/breakdown_a100_2p7b.png|pdf  per-term step time, Ring vs Attention2D (modelled)
 #   results/tables/costmodel/validation_local.csv|md       predicted vs measured, local CPU sweep (error stated)
 #   results/figures/costmodel/validation_local.png|pdf     the same as a figure
 #   results/tables/costmodel/advise_example.txt            python -m attn2d.advise for 64 A100s, GPT-3 13B, 64K
@@ -24,11 +27,30 @@ def model_outputs() -> list[str]:
     """What the cost model adds to `rule all`: the projection, the advisor's example, and the validation when
     the local sweeps are among the selected experiments."""
     out = [config["projection"], "results/tables/costmodel/sensitivity_paper.csv",
-           "results/tables/costmodel/advise_example.txt"]
+           "results/tables/costmodel/advise_example.txt",
+           "results/tables/costmodel/paper_inverse.csv", "results/tables/costmodel/paper_inverse.md"]
+    out += [f"results/figures/costmodel/{f}.{x}" for f in ("paper_band_speedup", "breakdown_a100_2p7b")
+            for x in ("png", "pdf")]
     if any(e in PLAN.experiments for e in LOCAL_VALIDATION):
         out += [f"results/tables/costmodel/validation_local.{x}" for x in ("csv", "md")]
         out += [f"results/figures/costmodel/validation_local.{x}" for x in ("png", "pdf")]
     return out
+
+
+rule costmodel_inverse:
+    input:
+        profiles=["conf/hardware/a100_4gpn.yaml", "conf/hardware/h100_1gpn.yaml"],
+        experiments=expand("conf/experiment/{e}.yaml", e=["a100_speedup", "h100_speedup"]),
+        model=["src/attn2d/costmodel.py", "src/attn2d/costmodel_inverse.py"],
+        script="workflow/scripts/costmodel_inverse.py",
+    output:
+        csv=report("results/tables/costmodel/paper_inverse.csv", caption="../report/table.rst", category="Tables",
+                   subcategory="modelled"),
+        md="results/tables/costmodel/paper_inverse.md",
+    log:
+        "results/logs/costmodel/paper_inverse.log",
+    shell:
+        "{PYTHON} {input.script} --out {output.csv} > {log} 2>&1"
 
 
 rule projection:
@@ -36,17 +58,21 @@ rule projection:
         profiles=["conf/hardware/a100_4gpn.yaml", "conf/hardware/h100_1gpn.yaml"],
         experiments=expand("conf/experiment/{e}.yaml", e=PAPER_EXPERIMENTS),
         model="src/attn2d/costmodel.py",
+        inverse="results/tables/costmodel/paper_inverse.csv",
         script="workflow/scripts/costmodel_projection.py",
     output:
         projection=report(config["projection"], caption="../report/table.rst", category="Tables",
                           subcategory="modelled"),
         sensitivity="results/tables/costmodel/sensitivity_paper.csv",
+        figures=[f"results/figures/costmodel/{f}.{x}" for f in ("paper_band_speedup", "breakdown_a100_2p7b")
+                 for x in ("png", "pdf")],
     log:
         "results/logs/costmodel/projection.log",
     params:
         experiments=" ".join(PAPER_EXPERIMENTS),
     shell:
         "{PYTHON} {input.script} --out {output.projection} --sensitivity {output.sensitivity} --figures ''"
+        " --inverse {input.inverse} --band-figures results/figures/costmodel"
         " --experiments {params.experiments} > {log} 2>&1"
 
 
@@ -96,6 +122,7 @@ rule calibrate:
 
 
 localrules:
+    costmodel_inverse,
     projection,
     costmodel_validation,
     advise_example,
