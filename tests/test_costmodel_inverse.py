@@ -159,3 +159,15 @@ def test_advisor_chooses_placement_and_says_how_confident(capsys):
     assert " row" in out and " col" in out
     assert "why: placement" in out
     assert "confidence: the same choice is the fastest in" in out and "of 4 variants" in out
+
+
+# ---------------------------------------------------------------------------------------------- time-shared ranks
+def test_sync_penalty_scales_with_the_ranks_queued_behind_each_core():
+    hw = _hw(shared_cores=2, gpus_per_node=1024, sync_penalty_by_world={4: 1e-3, 9: 1.2e-3})
+    assert hw.sync_penalty(9) == pytest.approx(1.2e-3)  # "measured": the calibration's own value
+    over = replace(hw, sync_penalty_scaling="oversubscription")
+    assert over.sync_penalty(4) == pytest.approx(1e-3)
+    assert over.sync_penalty(9) == pytest.approx(1e-3 * (9 / 2 - 1) / (4 / 2 - 1))
+    assert over.sync_penalty(2) == 0.0  # one rank per core: nothing queued
+    local = cm.load_hardware("local_cpu")
+    assert local.sync_penalty_scaling == "oversubscription"

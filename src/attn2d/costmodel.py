@@ -122,6 +122,8 @@ class Hardware:
     attn_step_overhead_s: float = 0.0  # host time per synchronous attention step per rank (merging partials, slicing)
     sync_penalty_by_world: dict = field(default_factory=dict)  # {P: s} CPU: wall time added to each communication
     # call when the ranks arrive from CPU work on time-shared cores (measured), interpolated in P
+    sync_penalty_scaling: str = "measured"  # "measured": interpolate sync_penalty_by_world in P; "oversubscription":
+    # the smallest world's measured penalty per rank beyond a core, scaled by (P / cores - 1) (see sync_penalty)
     step_overhead_s: float = 0.0  # per step (loss, optimizer launch, python)
     overhead_by_world: dict = field(default_factory=dict)  # {P: (layer_s, step_s)} measured with P ranks sharing
     # the cores (CPU); replaces (layer, step overhead) / share, interpolated in P
@@ -175,6 +177,24 @@ class Hardware:
         if not self.shared_cores:
             return 1.0
         return min(1.0, self.shared_cores / (max(1, ranks_on_node) * self.threads_per_rank))
+
+    def sync_penalty(self, world: int) -> float:
+        """Wall time added to each communication call by ranks time-sharing cores (CPU profiles).
+
+        "measured": sync_penalty_by_world interpolated in P. "oversubscription": a synchronising call waits until
+        every rank has been scheduled again; with P ranks on C cores each core runs P/C of them in turn, so the
+        wait grows with the ranks queued behind each core: penalty(P) = penalty(P0) x (P/C - 1) / (P0/C - 1),
+        from the smallest measured world P0 > C (the microbenchmark at larger P, one short GEMM before each call,
+        gives the scheduler too little work to queue; see results/tables/costmodel/validation_local.md)."""
+        if not self.sync_penalty_by_world:
+            return 0.0
+        ws = sorted(self.sync_penalty_by_world)
+        if self.sync_penalty_scaling == "oversubscription" and self.shared_cores:
+            C = self.shared_cores * self.threads_per_rank
+            ref = next((w for w in ws if w > C), None)
+            if ref is not None:
+                return self.sync_penalty_by_world[ref] * max(0.0, world / C - 1.0) / (ref / C - 1.0)
+        return float(np.interp(world, ws, [self.sync_penalty_by_world[w] for w in ws]))
 
     def overheads(self, world: int, n_layer: int) -> float:
         """Per-step software time outside the FLOP terms: (step + n_layer x layer overhead), stretched by core
@@ -242,6 +262,7 @@ def hardware_from_dict(d: dict, name: str | None = None) -> Hardware:
         comm_call_overhead_s=float(c.get("comm_call_overhead_s", 0.0)),
         attn_step_overhead_s=float(c.get("attn_step_overhead_s", 0.0)),
         sync_penalty_by_world={int(w): float(v) for w, v in (c.get("sync_penalty_by_world") or {}).items()},
+        sync_penalty_scaling=str(c.get("sync_penalty_scaling", "measured")),
         step_overhead_s=float(c.get("step_overhead_s", 0.0)),
         overhead_by_world={int(w): (float(v["layer_overhead_s"]), float(v["step_overhead_s"]))
                            for w, v in (c.get("overhead_by_world") or {}).items()},
@@ -468,8 +489,7 @@ def price_op(op: CommOp, rows: int, cols: int, hw: Hardware, glue: bool = True) 
     if glue and hw.comm_call_overhead_s:
         lat += calls * hw.comm_call_overhead_s / hw.compute_share(min(rows * cols, G))
     if hw.sync_penalty_by_world:
-        ws = sorted(hw.sync_penalty_by_world)
-        lat += calls * float(np.interp(rows * cols, ws, [hw.sync_penalty_by_world[w] for w in ws]))
+        lat += calls * hw.sync_penalty(rows * cols)
     return OpTime(op.name, op.phase, op.kind, op.group, op.overlapped, lat, t_bw, inter, nodes_in_group)
 
 

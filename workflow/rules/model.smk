@@ -7,6 +7,7 @@
 #   results/figures/costmodel/breakdown_a100_2p7b.png|pdf  per-term step time, Ring vs Attention2D (modelled)
 #   results/tables/costmodel/validation_local.csv|md       predicted vs measured, local CPU sweep (error stated)
 #   results/figures/costmodel/validation_local.png|pdf     the same as a figure
+#   results/tables/costmodel/validation_timeshare.csv|md   its error explained: per-call cost of time-shared ranks
 #   results/tables/costmodel/advise_example.txt            python -m attn2d.advise for 64 A100s, GPT-3 13B, 64K
 #   results/calibration/local_cpu.yaml                     `snakemake calibrate` only (never part of `all`);
 #                                                          copy it over conf/hardware/local_cpu.yaml to adopt it
@@ -34,6 +35,7 @@ def model_outputs() -> list[str]:
     if any(e in PLAN.experiments for e in LOCAL_VALIDATION):
         out += [f"results/tables/costmodel/validation_local.{x}" for x in ("csv", "md")]
         out += [f"results/figures/costmodel/validation_local.{x}" for x in ("png", "pdf")]
+        out += [f"results/tables/costmodel/validation_timeshare.{x}" for x in ("csv", "md")]
     return out
 
 
@@ -98,6 +100,21 @@ rule costmodel_validation:
         " --table {output.csv} --figure results/figures/costmodel/validation_local > {log} 2>&1"
 
 
+rule costmodel_timeshare:
+    input:
+        validation="results/tables/costmodel/validation_local.csv",
+        profile="conf/hardware/local_cpu.yaml",
+        model="src/attn2d/costmodel.py",
+        script="workflow/scripts/costmodel_timeshare.py",
+    output:
+        csv="results/tables/costmodel/validation_timeshare.csv",
+        md="results/tables/costmodel/validation_timeshare.md",
+    log:
+        "results/logs/costmodel/validation_timeshare.log",
+    shell:
+        "{PYTHON} {input.script} --validation {input.validation} --hardware local_cpu --out {output.csv} > {log} 2>&1"
+
+
 rule advise_example:
     input:
         "conf/hardware/a100_4gpn.yaml",
@@ -123,6 +140,7 @@ rule calibrate:
 
 localrules:
     costmodel_inverse,
+    costmodel_timeshare,
     projection,
     costmodel_validation,
     advise_example,
