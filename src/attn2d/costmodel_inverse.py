@@ -10,10 +10,14 @@ a named parameter here:
   grid column inside a node), NIC layout (one NIC per GPU, or one shared by the node), FSDP and activation
   checkpointing on or off, the attention kernel rate (a factor on the profile's) and the overlap efficiency;
 - continuous: the achieved inter-node bandwidth per NIC (node bandwidth = NICs x that).
-For each scenario `solve` finds the bandwidth interval over which the model's largest speedup over the cells of
+For each scenario `solve` finds the bandwidth intervals over which the model's largest speedup over the cells of
 the paper's figure (Attention2D-NO and -O over the scenario's baseline, 64 GPUs) rounds to the stated number: "5x"
 as stated to the unit, [4.5, 5.5); "9.4x" to a tenth, [9.35, 9.45). None when no bandwidth in the searched range
-(0.25 to 4000 GB/s per NIC) gets there. Fitted to nothing but the two stated numbers; every output is modelled.
+(0.25 to 4000 GB/s per NIC) gets there. `both` keeps the settings the two clusters share (baseline, collectives,
+FSDP, checkpointing, p2p, kernel, overlap) that reproduce both maxima, ordered by distance from public NIC specs;
+`region_samples` / `plausible_point` read that region back for the projection's band. Fitted to nothing but the
+two stated numbers; every output is modelled. The grid sweep holds kernel rate and overlap efficiency at the
+profiles' values (workflow/scripts/costmodel_inverse.py varies them one at a time around the plausible point).
 """
 from __future__ import annotations
 
@@ -296,7 +300,8 @@ def region_samples(table) -> dict:
     inverse table (a DataFrame of paper_inverse.csv): every scenario row whose shared setting reproduces BOTH
     maxima (if none does: each cluster's own reproducing rows), at both ends and the geometric middle of each
     of its intervals."""
-    rows = [r for r in table.to_dict("records") if r["hardware"] != "both" and str(r["reproduces"]) == "True"]
+    rows = [r for r in table.to_dict("records") if r["hardware"] != "both" and str(r["reproduces"]) == "True"
+            and r.get("sweep", "grid") == "grid"]
     keys = {tuple(str(r[k]) for k in SHARED) for r in table.to_dict("records") if r["hardware"] == "both"}
     out: dict = {}
     for r in rows:
