@@ -171,3 +171,12 @@ def test_sync_penalty_scales_with_the_ranks_queued_behind_each_core():
     assert over.sync_penalty(2) == 0.0  # one rank per core: nothing queued
     local = cm.load_hardware("local_cpu")
     assert local.sync_penalty_scaling == "oversubscription"
+
+
+def test_explicit_placement_list_prices_like_the_rule_it_spells_out():
+    wl = cm.Workload(seq_len=4096)
+    col = rank_nodes(4, 4, 4, "col")
+    for op in cm.comm_ops_for("attn2d", SMALL, wl, 4, 4):
+        assert cm.price_op(op, 4, 4, _hw(placement=list(col))).time_s == cm.price_op(op, 4, 4, _hw(placement="col")).time_s
+    with pytest.raises(ValueError, match="explicit placement has 15 entries, but the 4x4 grid has 16 ranks"):
+        cm.price_op(cm.comm_ops_for("attn2d", SMALL, wl, 4, 4)[0], 4, 4, _hw(placement=col[:15]))

@@ -141,7 +141,8 @@ class Hardware:
     overlap_efficiency: float = 1.0
     p2p_inter_efficiency: float = 1.0  # fraction of the inter-node bandwidth a point-to-point stream achieves
     # relative to collectives (NCCL send/recv opens fewer channels per peer than a ring collective); 1: the same
-    placement: str = "row"  # which grid dimension lies inside a node (attn2d.distributed.placement): row or col
+    placement: str | tuple = "row"  # which grid dimension lies inside a node (attn2d.distributed.placement): row,
+    # col, or an explicit rank -> node list (grid rank k = process rank k, so a ring or the world group uses it too)
     collective_algorithm: str = "ring"  # inter-node latency of collectives: "ring" (nodes - 1 steps) or "tree"
     # (log2(nodes) steps: NCCL's tree all-reduce; PAT all-gather / reduce-scatter with one GPU per node)
     source: str = ""
@@ -149,9 +150,11 @@ class Hardware:
     def __post_init__(self):
         from attn2d.distributed.placement import PLACEMENTS
 
-        if self.placement not in PLACEMENTS:
+        if isinstance(self.placement, list):  # an explicit rank -> node list (hashable, for the caches)
+            object.__setattr__(self, "placement", tuple(int(x) for x in self.placement))
+        if not isinstance(self.placement, tuple) and self.placement not in PLACEMENTS:
             raise ValueError(f"hardware {self.name!r}: placement {self.placement!r} unknown; known: "
-                             f"{', '.join(PLACEMENTS)}")
+                             f"{', '.join(PLACEMENTS)}, or a list of node ids, one per rank")
         if self.collective_algorithm not in COLLECTIVE_ALGORITHMS:
             raise ValueError(f"hardware {self.name!r}: collective_algorithm {self.collective_algorithm!r} unknown; "
                              f"known: {', '.join(COLLECTIVE_ALGORITHMS)}")
@@ -280,7 +283,8 @@ def hardware_from_dict(d: dict, name: str | None = None) -> Hardware:
         kinds_by_world=by_world,
         overlap_efficiency=float(d.get("overlap", {}).get("efficiency", 1.0)),
         p2p_inter_efficiency=float(inter.get("p2p_efficiency", 1.0)),
-        placement=str(n.get("placement", "row")),
+        placement=(tuple(int(x) for x in n["placement"]) if isinstance(n.get("placement"), list)
+                   else str(n.get("placement", "row"))),
         collective_algorithm=str(n.get("collective_algorithm", "ring")),
         source=str(d.get("source", "")),
     )
