@@ -103,6 +103,7 @@ rule costmodel_validation:
 rule costmodel_timeshare:
     input:
         validation="results/tables/costmodel/validation_local.csv",
+        holdout=expand("results/benchmarks/timeshare_p6/{a}/metrics.jsonl", a=["attn2d", "ring", "attn2d_overlap"]),
         profile="conf/hardware/local_cpu.yaml",
         model="src/attn2d/costmodel.py",
         script="workflow/scripts/costmodel_timeshare.py",
@@ -112,7 +113,8 @@ rule costmodel_timeshare:
     log:
         "results/logs/costmodel/validation_timeshare.log",
     shell:
-        "{PYTHON} {input.script} --validation {input.validation} --hardware local_cpu --out {output.csv} > {log} 2>&1"
+        "{PYTHON} {input.script} --validation {input.validation} --holdout {input.holdout} --hardware local_cpu"
+        " --out {output.csv} > {log} 2>&1"
 
 
 rule advise_example:

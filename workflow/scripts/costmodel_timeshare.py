@@ -7,7 +7,8 @@ Re-predicts every cell of the validation table (its measured step times are the 
 under the two models of the per-call synchronisation penalty of time-shared ranks (attn2d.costmodel.Hardware.
 sync_penalty): "measured" (the calibration's microbenchmark at each P, interpolated) and "oversubscription" (the
 smallest world's penalty scaled by P/C - 1: a call waits for every rank queued behind its core). Also the residual
-per communication call (measured - predicted under "measured") per world size. Writes a CSV and a Markdown summary;
+per communication call (measured - predicted under "measured") per world size, and (--holdout) records at a world size neither the sweep nor the calibration used. Writes a CSV
+and a Markdown summary;
 predictions are modelled, step times measured.
 """
 from __future__ import annotations
@@ -47,7 +48,31 @@ def repredict(val: pd.DataFrame, hardware: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def markdown(df: pd.DataFrame, hardware: str) -> str:
+def holdout(records, hardware: str) -> pd.DataFrame:
+    """Records not in the validation sweep (another world size), predicted under both scalings (out of sample)."""
+    import importlib.util
+
+    from attn2d.records import read_record
+
+    spec = importlib.util.spec_from_file_location("costmodel_validation",
+                                                  Path(__file__).with_name("costmodel_validation.py"))
+    val = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(val)
+    base = cm.load_hardware(hardware)
+    rows = []
+    for path in records:
+        rec = read_record(Path(path))
+        row = {}
+        for scaling in ("measured", "oversubscription"):
+            r = val.predict_record(rec, replace(base, sync_penalty_scaling=scaling))
+            row.update({k: r[k] for k in ("algorithm", "grid", "gpus", "seq_len", "measured_s", "steps")})
+            row[f"predicted_{scaling}_s"], row[f"rel_error_{scaling}"] = r["predicted_s"], r["rel_error"]
+        row["record"] = str(path)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def markdown(df: pd.DataFrame, hardware: str, held: pd.DataFrame | None = None) -> str:
     hw = cm.load_hardware(hardware)
     lines = ["# Local validation: the per-call cost of ranks time-sharing cores (modelled vs measured)", "",
              f"Profile `{hardware}`: {hw.shared_cores} cores; measured step times from "
@@ -82,6 +107,15 @@ def markdown(df: pd.DataFrame, hardware: str) -> str:
         lines.append(f"| {r.algorithm} | {r.grid} | {r.seq_len} | {r.measured_s:.4f} | {r.predicted_measured_s:.4f} "
                      f"| {r.rel_error_measured:+.1%} | {r.predicted_oversubscription_s:.4f} | "
                      f"{r.rel_error_oversubscription:+.1%} |")
+    if held is not None and len(held):
+        lines += ["", f"Out of sample: {len(held)} cells at a world size the sweep and the calibration did not use "
+                  "(measured here, records " + ", ".join(f"`{r}`" for r in held.record) + "):", "",
+                  "| algorithm | grid | seq_len | steps | measured s | predicted ('measured') | error | predicted "
+                  "('oversubscription') | error |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in held.itertuples():
+            lines.append(f"| {r.algorithm} | {r.grid} | {r.seq_len} | {r.steps} | {r.measured_s:.4f} | "
+                         f"{r.predicted_measured_s:.4f} | {r.rel_error_measured:+.1%} | "
+                         f"{r.predicted_oversubscription_s:.4f} | {r.rel_error_oversubscription:+.1%} |")
     return "\n".join(lines) + "\n"
 
 
@@ -90,12 +124,17 @@ def main(argv=None) -> None:
     ap.add_argument("--validation", default="results/tables/costmodel/validation_local.csv")
     ap.add_argument("--hardware", default="local_cpu")
     ap.add_argument("--out", default="results/tables/costmodel/validation_timeshare.csv")
+    ap.add_argument("--holdout", nargs="*", default=[], help="records (metrics.jsonl) at another world size")
     a = ap.parse_args(argv)
     df = repredict(pd.read_csv(a.validation), a.hardware)
+    held = holdout(a.holdout, a.hardware) if a.holdout else None
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out, index=False)
-    out.with_suffix(".md").write_text(markdown(df, a.hardware))
+    both = df.assign(sample="validation_local")
+    if held is not None:
+        both = pd.concat([both, held.assign(sample="holdout")], ignore_index=True)
+    both.to_csv(out, index=False)
+    out.with_suffix(".md").write_text(markdown(df, a.hardware, held))
     print(f"wrote {out} and {out.with_suffix('.md')}")
 
 
