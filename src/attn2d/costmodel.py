@@ -47,7 +47,8 @@ A step is priced from three parts, every assumption a number in one hardware pro
     `grad_sync_overlap` it runs beside the backward compute.
 
 The step time is n_layer x (attention fwd + bwd per layer) + rest-of-model compute + optimizer + exposed gradient
-sync + per-layer / per-step software overhead + the benchmark timer's closing barrier. P = 1 gives exactly the
+sync + per-layer / per-step software overhead + the benchmark timer's closing barrier; StepTime.breakdown() gives it
+as additive terms (attention compute, exposed communication per op, grad sync, optimizer, overheads). P = 1 gives exactly the
 local (single-device) time; the tests check that limit.
 
 Profiles: conf/hardware/a100_4gpn.yaml and h100_1gpn.yaml (public specifications and stated assumptions, every
