@@ -125,3 +125,77 @@ def test_ranks_that_disagree_on_the_grid_get_an_error_naming_the_rank():
         assert status == "error", f"rank {rank}: {status}"
         assert t < 3, f"rank {rank} took {t:.1f} s"
         assert "rank 2 has grid 4x1, ranks 0,1,3 have grid 2x2" in text, text[:600]
+
+
+def _inputs_disagree(rank, world, out):
+    """Rank 1 passes shards of a longer sequence, rank 3 float32 shards; the others agree."""
+    grid = ProcessGrid(2, 2)
+    q, k, v = _qkv(0, n=48 if rank == 1 else 24, dtype=torch.float32 if rank == 3 else torch.float64)
+    get_attention("attn2d").fn(*(shard(x, grid, "cyclic") for x in (q, k, v)), grid=grid)
+
+
+def _ring_dtype_disagree(rank, world, out):
+    q, k, v = _qkv(0, dtype=torch.float32 if rank == 2 else torch.float64)
+    get_attention("ring").fn(*(shard(x, None, "zigzag") for x in (q, k, v)), grid=ProcessGrid(4, 1))
+
+
+SCENARIOS.update(inputs_disagree=_inputs_disagree, ring_dtype_disagree=_ring_dtype_disagree)
+
+
+def test_ranks_passing_different_shapes_or_dtypes_get_an_error_naming_the_rank():
+    out = run_ranks(4, "inputs_disagree", bound_s=4 * TIMEOUT_S)
+    for rank, (status, t, text) in out.items():
+        assert status == "error", f"rank {rank}: {status}"
+        assert t < 3, f"rank {rank} took {t:.1f} s"
+        assert ("attention2d: the ranks disagree on the inputs: rank 1 has positions per rank (N/P) 12, dtype float64; "
+                "rank 3 has positions per rank (N/P) 6, dtype float32; ranks 0,2 have positions per rank (N/P) 6, "
+                "dtype float64") in text, text[:800]
+    ring = run_ranks(4, "ring_dtype_disagree", bound_s=4 * TIMEOUT_S)
+    for rank, (status, t, text) in ring.items():
+        assert status == "error" and t < 3, (rank, status, t)
+        assert "ring_attention: the ranks disagree on the inputs: rank 2 has dtype float32; ranks 0,1,3 have dtype float64" in text, text[:800]
+
+
+# ---------------------------------------------------------------------------------------------- item 5
+def _api_misuse_worker(rank, world):
+    from attn2d.attention import layout as lay
+    from attn2d.attention.attention2d import attention2d
+    from attn2d.attention.attention2d_overlap import attention2d_overlap
+    from attn2d.attention.ring import ring_attention
+    from attn2d.testing import call_errors
+
+    grid = ProcessGrid(1, 2)
+    q, k, v = _qkv(1)  # (B, N, H, D) = (1, 24, 2, 8)
+    cyc = [shard(x, grid, "cyclic") for x in (q, k, v)]
+    cont = [shard(x, grid, "contiguous") for x in (q, k, v)]
+    bhnd = [x.transpose(1, 2).contiguous() for x in cyc]  # (B, H, N/P, D): the wrong axis order
+    along2 = [shard(x.transpose(1, 2), grid, "cyclic", dim=2) for x in (q, k, v)]
+    other_grid = [shard(x, ProcessGrid(2, 1), "cyclic") for x in (q, k, v)]
+    ok = attention2d(*[x.requires_grad_() for x in cyc], grid, heads=2)  # the tag survives requires_grad_()
+    return call_errors({
+        "contiguous_to_attn2d": lambda: attention2d(*cont, grid),
+        "contiguous_to_overlap": lambda: attention2d_overlap(*cont, grid),
+        "cyclic_to_ring": lambda: ring_attention(*cyc, grid.group, layout="zigzag"),
+        "bhnd_with_heads": lambda: attention2d(*bhnd, grid, heads=2),
+        "bhnd_ring_with_heads": lambda: ring_attention(*bhnd, layout="contiguous", heads=2),
+        "sharded_along_dim2": lambda: attention2d(*along2, grid),
+        "other_grid": lambda: attention2d(*other_grid, grid),
+        "unshard_wrong_layout": lambda: lay.unshard(cont[0], grid, "cyclic"),
+    }) | {"ok_shape": tuple(ok.shape)}
+
+
+def test_wrong_layout_axis_order_or_grid_of_a_shard_is_an_error_not_a_wrong_answer():
+    from attn2d.testing import assert_errors_match, run_distributed
+
+    for errors in run_distributed(2, _api_misuse_worker, timeout_s=60):
+        assert errors.pop("ok_shape") == (1, 12, 2, 8)
+        assert_errors_match(errors, {
+            "contiguous_to_attn2d": r"attention2d: q is a 'contiguous' shard .* needs the 'cyclic' layout",
+            "contiguous_to_overlap": r"attention2d_overlap: q is a 'contiguous' shard .* needs the 'cyclic' layout",
+            "cyclic_to_ring": r"ring_attention: q is a 'cyclic' shard .* needs the 'zigzag' layout",
+            "bhnd_with_heads": r"q has shape \(1, 2, 12, 8\) but heads=2: .* \(B, H, N/P, D\): pass q.transpose\(1, 2\)",
+            "bhnd_ring_with_heads": r"ring_attention: q has shape \(1, 2, 12, 8\) but heads=2",
+            "sharded_along_dim2": r"q was sharded along dim 2, but the sequence must be dim 1",
+            "other_grid": r"q was sharded for rank \d of grid 2x1, but this call runs on rank \d of grid 1x2",
+            "unshard_wrong_layout": r"unshard: the tensor is a 'contiguous' shard .* pass layout='contiguous'",
+        })
