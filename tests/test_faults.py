@@ -41,8 +41,8 @@ def _rank_main(rank, world, init_file, out_dir, scenario, timeout_s):
         os._exit(0)  # no teardown: a peer may be stopped, and destroy_process_group would wait on it
 
 
-def run_ranks(world, scenario, bound_s, stop_rank=None, timeout_s=TIMEOUT_S):
-    """Start `world` ranks running SCENARIOS[scenario]; with stop_rank, SIGSTOP that rank once every rank has
+def run_ranks(world, scenario, bound_s, stop_rank=None, timeout_s=TIMEOUT_S, sig=signal.SIGSTOP):
+    """Start `world` ranks running SCENARIOS[scenario]; with stop_rank, send `sig` to that rank once every rank has
     written its 'ready' file. Returns {rank: (status, seconds, text)} for the other ranks: seconds from the SIGSTOP
     (with stop_rank) or from the scenario's start on that rank (after the process group is up) to its outcome;
     ranks still running after `bound_s` seconds are killed and reported as 'hung'."""
@@ -59,7 +59,7 @@ def run_ranks(world, scenario, bound_s, stop_rank=None, timeout_s=TIMEOUT_S):
                     if time.time() - t0 > bound_s:
                         raise AssertionError("the ranks never got ready")
                     time.sleep(0.05)
-                os.kill(procs[stop_rank].pid, signal.SIGSTOP)
+                os.kill(procs[stop_rank].pid, sig)
                 t0 = time.time()
             waiting = [p for r, p in enumerate(procs) if r != stop_rank]
             deadline = t0 + bound_s
@@ -112,11 +112,20 @@ SCENARIOS = {"stall": _stall, "grid_disagree": _grid_disagree}
 def test_a_stopped_rank_ends_the_others_within_twice_the_timeout_naming_group_and_rank():
     out = run_ranks(4, "stall", bound_s=6 * TIMEOUT_S, stop_rank=3)
     for rank, (status, t, text) in out.items():
-        print(rank, status, t, text.splitlines()[:1])
-    for rank, (status, t, text) in out.items():
         assert status == "error", f"rank {rank}: {status}"
         assert t < 2 * TIMEOUT_S + 3, f"rank {rank} took {t:.1f} s"
         assert "CollectiveError" in text and "group" in text and "rank 3 stopped answering" in text, text[:800]
+        print(f"stopped rank 3: rank {rank} failed after {t:.1f} s: {text.splitlines()[0][:160]}")
+
+
+def test_a_killed_rank_is_named_by_the_others_fast():
+    """SIGKILL: gloo says "Connection reset by peer" (or times out); the error names the dead rank."""
+    out = run_ranks(4, "stall", bound_s=6 * TIMEOUT_S, stop_rank=1, sig=signal.SIGKILL)
+    for rank, (status, t, text) in out.items():
+        assert status == "error", f"rank {rank}: {status}"
+        assert t < 2 * TIMEOUT_S + 3, f"rank {rank} took {t:.1f} s"
+        assert "CollectiveError" in text and "rank 1 stopped answering" in text, text[:800]
+        print(f"killed rank 1: rank {rank} failed after {t:.1f} s: {text.splitlines()[0][:160]}")
 
 
 def test_ranks_that_disagree_on_the_grid_get_an_error_naming_the_rank():
@@ -199,3 +208,89 @@ def test_wrong_layout_axis_order_or_grid_of_a_shard_is_an_error_not_a_wrong_answ
             "other_grid": r"q was sharded for rank \d of grid 2x1, but this call runs on rank \d of grid 1x2",
             "unshard_wrong_layout": r"unshard: the tensor is a 'contiguous' shard .* pass layout='contiguous'",
         })
+
+
+# ---------------------------------------------------------------------------------------------- item 6
+PY = sys.executable
+REPO = Path(__file__).resolve().parents[1]
+CLI = ["model=tiny", "benchmark=cpu_small", "benchmark.seq_len=64", "benchmark.steps=1", "benchmark.progress=false"]
+
+
+def _cli(args, cwd, launcher=(PY, "-m", "attn2d.train"), timeout=120):
+    import subprocess
+
+    return subprocess.run([*launcher, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_torchrun_grid_mismatch_is_reported_once_in_one_run_dir(tmp_path):
+    t0 = time.time()
+    p = _cli([*CLI, "attention=attn2d", "grid=1x2"], cwd=tmp_path, launcher=(
+        PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4", "-m", "attn2d.train"))
+    took = time.time() - t0
+    assert p.returncode != 0
+    ours = [line for line in p.stderr.splitlines() if line.startswith("attn2d.train:")]
+    assert ours == ["attn2d.train: ConfigError: invalid config: grid 1x2 needs 2 ranks, but the world has 4; "
+                    "grids that fit 4 ranks: 1x4, 2x2, 4x1"], p.stderr[-3000:]
+    assert "Error executing job" not in p.stderr and "ConfigError" not in p.stderr.replace(ours[0], "")
+    assert p.stderr.count("Traceback") <= 1  # torchrun's own summary of the failed ranks, none of ours
+    (run_dir,) = (tmp_path / "runs" / "adhoc").iterdir()  # every rank resolved one run dir
+    assert (run_dir / "metrics.jsonl").exists()
+    print(f"torchrun grid mismatch: {took:.1f} s, {len(p.stderr.splitlines())} lines of stderr in all")
+
+
+def test_launch_time_is_one_value_for_every_rank_of_a_torchrun_launch():
+    """Ranks started a second apart (as torchrun's agent starts them, one process each) resolve one run dir."""
+    import subprocess
+
+    code = "import attn2d.config as c, omegaconf as o; print(o.OmegaConf.create({'d': '${attn2d.now:%H-%M-%S.%f}'}).d)"
+    def stamp(env):
+        return subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=60,
+                              env={**os.environ, **env}, check=True).stdout.strip()
+    runs = []
+    for _ in range(2):
+        runs.append((stamp({"TORCHELASTIC_RUN_ID": "x"}), stamp({})))
+        time.sleep(1.1)
+    assert runs[0][0] == runs[1][0]  # children of one launcher: one time
+    assert runs[0][1] != runs[1][1]  # plain python: each run its own
+
+
+def test_plain_python_with_a_multi_rank_grid_says_how_to_launch_it(tmp_path):
+    p = _cli([*CLI, "attention=attn2d", "grid=2x2", f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+    assert p.returncode == 1
+    assert ("this grid needs 4 ranks: run it with `torchrun --nproc-per-node 4 -m attn2d.train ...` or a launcher"
+            in p.stderr) and "Traceback" not in p.stderr, p.stderr[-2000:]
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "abc", "inf", "nan"])
+def test_timeout_s_is_validated_at_config_time(value):
+    from attn2d.config import ConfigError, compose, timeout_s_of, validate
+
+    cfg = compose([f"benchmark.timeout_s={value}"])
+    with pytest.raises(ConfigError, match=rf"benchmark.timeout_s '?{value}'? is not a number of seconds > 0"):
+        timeout_s_of(cfg)  # what train.py checks before any process group exists
+    if value != "abc":  # a string fails OmegaConf's type check first (naming the key too)
+        with pytest.raises(ConfigError, match=rf"benchmark.timeout_s {value}(.0)? is not a number of seconds > 0"):
+            validate(cfg, world_size=1)
+    assert timeout_s_of(compose(["benchmark.timeout_s=7"])) == 7.0
+
+
+def test_timeout_s_rejected_by_the_cli_without_a_traceback(tmp_path):
+    p = _cli([*CLI, "attention=local", "benchmark.timeout_s=-1", f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+    assert p.returncode == 1 and p.stderr.strip().splitlines() == [
+        "attn2d.train: ConfigError: invalid config: benchmark.timeout_s -1 is not a number of seconds > 0 (e.g. 300)"], p.stderr
+
+
+def _grid_timeout_worker(rank, world):
+    from attn2d.distributed import health
+
+    grid = ProcessGrid(2, 1)
+    short = ProcessGrid(2, 1, timeout_s=3)
+    return [health.group_timeout(g).total_seconds() for g in (None, grid.row_group, grid.col_group, short.col_group)]
+
+
+def test_row_and_column_groups_get_the_world_timeout():
+    from attn2d.testing import run_distributed
+
+    for timeouts in run_distributed(2, _grid_timeout_worker, timeout_s=17):
+        assert timeouts == [17.0, 17.0, 17.0, 3.0]

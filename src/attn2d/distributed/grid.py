@@ -55,14 +55,14 @@ def check_seq_len(seq_len: int, world_size: int, multiple: int = 1, what: str = 
         )
 
 
-def check_timeout(timeout_s) -> datetime.timedelta:
-    """A collective timeout in seconds (a finite number > 0) -> timedelta; GridError naming the bad value."""
+def check_timeout(timeout_s, what: str = "timeout_s") -> datetime.timedelta:
+    """A collective timeout in seconds (a finite number > 0) -> timedelta; GridError naming `what` and the value."""
     try:
         t = float(timeout_s)
     except (TypeError, ValueError):
         t = None
     if t is None or isinstance(timeout_s, bool) or not 0 < t < float("inf"):
-        raise GridError(f"timeout_s {timeout_s!r} is not a number of seconds > 0 (e.g. 300)")
+        raise GridError(f"{what} {timeout_s!r} is not a number of seconds > 0 (e.g. 300)")
     return datetime.timedelta(seconds=t)
 
 

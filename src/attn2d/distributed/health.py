@@ -27,7 +27,9 @@ _FAILED = "attn2d/failed/"
 
 class CollectiveError(RuntimeError):
     """A collective that failed or timed out; the message names the group, its ranks and, where known, the rank
-    that stopped answering."""
+    that stopped answering (`silent`: those ranks; None when they could not be known)."""
+
+    silent: list[int] | None = None
 
 
 # ---------------------------------------------------------------------------------------------- timeouts
@@ -146,6 +148,7 @@ def collective_error(op: str, group: dist.ProcessGroup | None, exc: BaseExceptio
     me = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     watched = silent_ranks([r for r in range(world) if r != me])
+    silent = None if watched is None else watched[0]
     if watched is None:
         who = ("the rendezvous store cannot be reached, so the rank that failed is not known (the store's host, "
                "rank 0 or the launcher, may be the one that died)")
@@ -159,8 +162,10 @@ def collective_error(op: str, group: dist.ProcessGroup | None, exc: BaseExceptio
         else:
             who = "every other rank is still alive (one may have called another collective, or raised an error)"
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return CollectiveError(f"rank {me}: {op} on the {describe(group)} failed (timeout {timeout}): {who}; "
-                           f"{type(exc).__name__}: {first[:300]}")
+    err = CollectiveError(f"rank {me}: {op} on the {describe(group)} failed (timeout {timeout}): {who}; "
+                          f"{type(exc).__name__}: {first[:300]}")
+    err.silent = silent
+    return err
 
 
 __all__ = ["CollectiveError", "group_timeout", "fmt_ranks", "group_ranks", "name_group", "describe",
