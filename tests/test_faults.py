@@ -110,7 +110,7 @@ SCENARIOS = {"stall": _stall, "grid_disagree": _grid_disagree}
 
 # ---------------------------------------------------------------------------------------------- item 2
 def test_a_stopped_rank_ends_the_others_within_twice_the_timeout_naming_group_and_rank():
-    out = run_ranks(4, "stall", bound_s=6 * TIMEOUT_S, stop_rank=3)
+    out = run_ranks(4, "stall", bound_s=90, stop_rank=3)
     for rank, (status, t, text) in out.items():
         assert status == "error", f"rank {rank}: {status}"
         assert t < 2 * TIMEOUT_S + 3, f"rank {rank} took {t:.1f} s"
@@ -120,7 +120,7 @@ def test_a_stopped_rank_ends_the_others_within_twice_the_timeout_naming_group_an
 
 def test_a_killed_rank_is_named_by_the_others_fast():
     """SIGKILL: gloo says "Connection reset by peer" (or times out); the error names the dead rank."""
-    out = run_ranks(4, "stall", bound_s=6 * TIMEOUT_S, stop_rank=1, sig=signal.SIGKILL)
+    out = run_ranks(4, "stall", bound_s=90, stop_rank=1, sig=signal.SIGKILL)
     for rank, (status, t, text) in out.items():
         assert status == "error", f"rank {rank}: {status}"
         assert t < 2 * TIMEOUT_S + 3, f"rank {rank} took {t:.1f} s"
@@ -129,11 +129,12 @@ def test_a_killed_rank_is_named_by_the_others_fast():
 
 
 def test_ranks_that_disagree_on_the_grid_get_an_error_naming_the_rank():
-    out = run_ranks(4, "grid_disagree", bound_s=4 * TIMEOUT_S)
+    out = run_ranks(4, "grid_disagree", bound_s=90)  # the bound only ends a hang; the check is t
     for rank, (status, t, text) in out.items():
         assert status == "error", f"rank {rank}: {status}"
         assert t < 3, f"rank {rank} took {t:.1f} s"
         assert "rank 2 has grid 4x1, ranks 0,1,3 have grid 2x2" in text, text[:600]
+        print(f"grid 4x1 on rank 2: rank {rank} failed after {t:.2f} s")
 
 
 def _inputs_disagree(rank, world, out):
@@ -152,14 +153,15 @@ SCENARIOS.update(inputs_disagree=_inputs_disagree, ring_dtype_disagree=_ring_dty
 
 
 def test_ranks_passing_different_shapes_or_dtypes_get_an_error_naming_the_rank():
-    out = run_ranks(4, "inputs_disagree", bound_s=4 * TIMEOUT_S)
+    out = run_ranks(4, "inputs_disagree", bound_s=90)
     for rank, (status, t, text) in out.items():
         assert status == "error", f"rank {rank}: {status}"
         assert t < 3, f"rank {rank} took {t:.1f} s"
         assert ("attention2d: the ranks disagree on the inputs: rank 1 has positions per rank (N/P) 12, dtype float64; "
                 "rank 3 has positions per rank (N/P) 6, dtype float32; ranks 0,2 have positions per rank (N/P) 6, "
                 "dtype float64") in text, text[:800]
-    ring = run_ranks(4, "ring_dtype_disagree", bound_s=4 * TIMEOUT_S)
+        print(f"N/P and dtype differ: rank {rank} failed after {t:.2f} s")
+    ring = run_ranks(4, "ring_dtype_disagree", bound_s=90)
     for rank, (status, t, text) in ring.items():
         assert status == "error" and t < 3, (rank, status, t)
         assert "ring_attention: the ranks disagree on the inputs: rank 2 has dtype float32; ranks 0,1,3 have dtype float64" in text, text[:800]
@@ -229,10 +231,10 @@ def test_torchrun_grid_mismatch_is_reported_once_in_one_run_dir(tmp_path):
         PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4", "-m", "attn2d.train"))
     took = time.time() - t0
     assert p.returncode != 0
-    ours = [line for line in p.stderr.splitlines() if line.startswith("attn2d.train:")]
-    assert ours == ["attn2d.train: ConfigError: invalid config: grid 1x2 needs 2 ranks, but the world has 4; "
+    ours = [line for line in p.stderr.splitlines() if "ConfigError" in line]
+    assert ours == ["ConfigError: invalid config: grid 1x2 needs 2 ranks, but the world has 4; "
                     "grids that fit 4 ranks: 1x4, 2x2, 4x1"], p.stderr[-3000:]
-    assert "Error executing job" not in p.stderr and "ConfigError" not in p.stderr.replace(ours[0], "")
+    assert "Error executing job" not in p.stderr
     assert p.stderr.count("Traceback") <= 1  # torchrun's own summary of the failed ranks, none of ours
     (run_dir,) = (tmp_path / "runs" / "adhoc").iterdir()  # every rank resolved one run dir
     assert (run_dir / "metrics.jsonl").exists()
@@ -247,12 +249,11 @@ def test_launch_time_is_one_value_for_every_rank_of_a_torchrun_launch():
     def stamp(env):
         return subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=60,
                               env={**os.environ, **env}, check=True).stdout.strip()
-    runs = []
-    for _ in range(2):
-        runs.append((stamp({"TORCHELASTIC_RUN_ID": "x"}), stamp({})))
-        time.sleep(1.1)
-    assert runs[0][0] == runs[1][0]  # children of one launcher: one time
-    assert runs[0][1] != runs[1][1]  # plain python: each run its own
+    first = stamp({"TORCHELASTIC_RUN_ID": "x"})
+    time.sleep(1.1)
+    second, plain = stamp({"TORCHELASTIC_RUN_ID": "x"}), stamp({})
+    assert first == second  # children of one launcher (here: this process): one time
+    assert plain > second  # plain python: the run's own time (later than its parent's start)
 
 
 def test_plain_python_with_a_multi_rank_grid_says_how_to_launch_it(tmp_path):
@@ -278,7 +279,7 @@ def test_timeout_s_is_validated_at_config_time(value):
 def test_timeout_s_rejected_by_the_cli_without_a_traceback(tmp_path):
     p = _cli([*CLI, "attention=local", "benchmark.timeout_s=-1", f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
     assert p.returncode == 1 and p.stderr.strip().splitlines() == [
-        "attn2d.train: ConfigError: invalid config: benchmark.timeout_s -1 is not a number of seconds > 0 (e.g. 300)"], p.stderr
+        "ConfigError: invalid config: benchmark.timeout_s -1 is not a number of seconds > 0 (e.g. 300)"], p.stderr
 
 
 def _grid_timeout_worker(rank, world):

@@ -109,10 +109,12 @@ def fsdp_sharder(device: torch.device, dtype: str) -> Callable[..., None]:
     Gradients are reduce-scattered as a SUM (divide factor 1, sum-only collectives) because each rank's loss is
     already its share of the global mean. bf16 runs gather bf16 parameters and reduce in fp32. Blocks are
     resharded after the forward (gathered again in the backward), the root is not."""
-    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    # the world group itself (its timeout, benchmark.timeout_s): init_device_mesh makes a new group with torch's
+    # default timeout where a CUDA host runs gloo
+    mesh = DeviceMesh.from_group(dist.group.WORLD, device.type)
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if dtype == "bfloat16" else None,
                               reduce_dtype=None if dtype == "float64" else torch.float32)
 
@@ -453,7 +455,7 @@ def report_failure(e: BaseException, rank: int) -> bool:
     if rank != 0 and not (isinstance(e, CollectiveError) and (e.silent is None or 0 in e.silent)):
         return False
     if isinstance(e, EXPECTED_ERRORS):
-        print(f"attn2d.train: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"{type(e).__name__}: {e}", file=sys.stderr)  # the form workflow/scripts/run_cell.py reads
     else:
         traceback.print_exception(e, file=sys.stderr)
     return True
