@@ -82,13 +82,16 @@ def heartbeat_period(timeout_s: float) -> float:
 
 
 def start_heartbeat(period: float | None = None) -> None:
-    """Start (once per process group lifetime) this rank's heartbeat thread."""
+    """Start (once per default process group) this rank's heartbeat thread; nothing for a world of one."""
     from torch.distributed import distributed_c10d as c10d
 
+    if dist.get_world_size() == 1:
+        return
     store = c10d._get_default_store()
     old = _HEARTBEAT.get("thread")
     if old is not None and old.is_alive() and _HEARTBEAT.get("store_id") == id(store):
         return
+    stop_heartbeat()  # a previous process group's thread
     period = period or heartbeat_period(group_timeout().total_seconds())
     key = f"{_PREFIX}{dist.get_rank()}"
     stop = threading.Event()
