@@ -295,3 +295,24 @@ def test_row_and_column_groups_get_the_world_timeout():
 
     for timeouts in run_distributed(2, _grid_timeout_worker, timeout_s=17):
         assert timeouts == [17.0, 17.0, 17.0, 3.0]
+
+
+def test_one_report_per_failed_run_and_own_errors_of_other_ranks_are_not_lost(capsys):
+    from attn2d.config import ConfigError
+    from attn2d.distributed.health import CollectiveError
+    from attn2d.train import report_failure
+
+    def err(silent):
+        e = CollectiveError(f"rank 1: q_row_all_gather on the row group 0 ... silent {silent}")
+        e.silent = silent
+        return e
+
+    said = {(rank, name): report_failure(e, rank) for rank, name, e in [
+        (0, "config", ConfigError("invalid config: grid 1x2 needs 2 ranks")), (1, "config", ConfigError("same")),
+        (1, "peer_3_silent", err([3])), (1, "rank_0_silent", err([0])), (1, "store_gone", err(None)),
+        (2, "own_bug", RuntimeError("boom on rank 2 only"))]}
+    assert said == {(0, "config"): True, (1, "config"): False, (1, "peer_3_silent"): False,
+                    (1, "rank_0_silent"): True, (1, "store_gone"): True, (2, "own_bug"): True}
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "ConfigError: invalid config: grid 1x2 needs 2 ranks" and "rank 2:" in lines
+    assert lines[-1] == "RuntimeError: boom on rank 2 only" and "Traceback" not in "\n".join(lines[:3])

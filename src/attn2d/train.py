@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from attn2d import bench, records
 from attn2d.attention import get_attention, layout
-from attn2d.attention.checks import check_heads
+from attn2d.attention.checks import RankMismatchError, check_heads
 from attn2d.config import ConfigError, Settings, gpt_config, timeout_s_of, validate
 from attn2d.distributed import GridError, ProcessGrid, comm, count_comm, destroy_distributed, init_distributed
 from attn2d.distributed import health
@@ -433,7 +433,9 @@ def run(cfg: DictConfig) -> dict:
 
 
 # errors whose message says all there is to say: reported as one line, without a traceback
-EXPECTED_ERRORS = (ConfigError, GridError, CollectiveError)
+EXPECTED_ERRORS = (ConfigError, GridError, CollectiveError, RankMismatchError)
+# errors every rank raises alike (from the same config, or after comparing notes): rank 0 reports them alone
+SAME_ON_EVERY_RANK = (ConfigError, GridError, RankMismatchError)
 
 
 def _under_submitit() -> bool:
@@ -448,15 +450,20 @@ def _under_submitit() -> bool:
 
 def report_failure(e: BaseException, rank: int) -> bool:
     """Print a failed run's error once per run: rank 0 reports (one line for EXPECTED_ERRORS, else the
-    traceback), the other ranks only where rank 0 may be the one that died (a CollectiveError naming it, or not
-    knowing). Returns whether this rank printed."""
+    traceback). The other ranks stay quiet for SAME_ON_EVERY_RANK and for a CollectiveError (rank 0 has its own),
+    unless it says rank 0 may be the one that died; an error of their own (a bug, out of memory) they report,
+    since the others only see them stop answering. Returns whether this rank printed."""
     import traceback
 
-    if rank != 0 and not (isinstance(e, CollectiveError) and (e.silent is None or 0 in e.silent)):
-        return False
+    if rank != 0:
+        if isinstance(e, SAME_ON_EVERY_RANK):
+            return False
+        if isinstance(e, CollectiveError) and e.silent is not None and 0 not in e.silent:
+            return False
     if isinstance(e, EXPECTED_ERRORS):
         print(f"{type(e).__name__}: {e}", file=sys.stderr)  # the form workflow/scripts/run_cell.py reads
     else:
+        print(f"rank {rank}:", file=sys.stderr)
         traceback.print_exception(e, file=sys.stderr)
     return True
 

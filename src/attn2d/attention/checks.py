@@ -25,6 +25,10 @@ from attn2d.distributed import comm
 from attn2d.distributed.grid import ProcessGrid
 from attn2d.distributed.health import fmt_ranks, group_ranks
 
+class RankMismatchError(ValueError):
+    """The ranks of a group passed different inputs; every rank raises the same one."""
+
+
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _FIELDS = ("algorithm", "batch", "positions per rank (N/P)", "heads", "k/v heads", "head dim", "dtype", "causal",
            "layout", "grid")
@@ -81,7 +85,7 @@ def _show(field: int, value: int, names: dict) -> str:
 
 def check_agreement(algo: str, q: torch.Tensor, k: torch.Tensor, layout: str, grid_or_group, causal: bool) -> None:
     """Every rank of the group passes the same algorithm, shapes, dtype, causal flag, layout and grid (see the
-    module docstring). Raises ValueError on every rank, naming the ranks that differ."""
+    module docstring). Raises RankMismatchError on every rank, naming the ranks that differ."""
     if not dist.is_initialized():
         return
     group = grid_or_group.group if isinstance(grid_or_group, ProcessGrid) else grid_or_group
@@ -106,7 +110,7 @@ def check_agreement(algo: str, q: torch.Tensor, k: torch.Tensor, layout: str, gr
         said = "; ".join(
             f"rank{'s' if len(rs) > 1 else ''} {fmt_ranks(rs)} ha{'ve' if len(rs) > 1 else 's'} "
             + ", ".join(f"{_FIELDS[i]} {_show(i, d[i], names)}" for i in differ) for d, rs in parts)
-        raise ValueError(f"{algo}: the ranks disagree on the inputs: {said}; every rank must pass shards of one "
+        raise RankMismatchError(f"{algo}: the ranks disagree on the inputs: {said}; every rank must pass shards of one "
                          "shape and dtype (B, N/P, H, D) to the same call")
     _CHECKED.add(key)
 
@@ -119,4 +123,4 @@ def check_call(algo: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay
     check_agreement(algo, q, k, layout, grid_or_group, causal)
 
 
-__all__ = ["check_call", "check_heads", "check_tags", "check_agreement"]
+__all__ = ["RankMismatchError", "check_call", "check_heads", "check_tags", "check_agreement"]
