@@ -38,3 +38,11 @@ def merge_partials(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]) -
     out = sum(wi.transpose(1, 2).unsqueeze(-1) * o.to(acc) for wi, o in zip(w, outs))  # (B, L, H, D)
     return out, lse
 
+
+def merge_into(out: torch.Tensor, lse: torch.Tensor, o: torch.Tensor, l: torch.Tensor) -> None:
+    """Merge the partial (o, l) into the running (out, lse) in place (fp32; views of a bigger buffer are fine):
+    lse <- log(e^lse + e^l), out <- out + sigmoid(l - lse_old) (o - out). A running row with lse = -inf takes
+    (o, l) as is; a partial row with l = -inf leaves it as it was. out (B, L, H, D), lse (B, H, L)."""
+    w = torch.sigmoid(l - lse).nan_to_num_(0.0)  # (B, H, L); NaN only where both are -inf
+    out.lerp_(o.to(out.dtype), w.transpose(1, 2).unsqueeze(-1))  # w as (B, L, H, 1)
+    torch.logaddexp(lse, l, out=lse)
