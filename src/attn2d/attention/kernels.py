@@ -345,7 +345,7 @@ def _forward_pieces(q, k, v, pieces, scale, impl, mask_impl):
     for p, seen in zip(pieces, sch.q_seen):
         o, l = _call_forward(impl, mask_impl, p, q[:, p.rows], k[:, p.keys], v[:, p.keys], scale)
         if seen:
-            merge_into(out[:, p.rows], lse[:, :, p.rows], o, l)
+            merge_into(out[:, p.rows], lse[:, :, p.rows], o, l, empty_rows=p.kind == "mask")
         else:
             out[:, p.rows] = o
             lse[:, :, p.rows] = l
@@ -604,7 +604,7 @@ def attn_forward_into(out, lse, q, k, v, *, causal: bool, q_pos=None, k_pos=None
     pieces, impl, mask_impl = _plan(q, k, causal, q_pos, k_pos, backend)
     for p in pieces:
         o, l = _call_forward(impl, mask_impl, p, _rows(q, p.rows), _rows(k, p.keys), _rows(v, p.keys), scale)
-        merge_into(_rows(out, p.rows), _rows(lse, p.rows, 2), o, l)
+        merge_into(_rows(out, p.rows), _rows(lse, p.rows, 2), o, l, empty_rows=p.kind == "mask")
 
 
 def attn_backward_into(dq, dout, q, k, v, out, lse, *, causal: bool, q_pos=None, k_pos=None,
