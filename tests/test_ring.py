@@ -231,3 +231,32 @@ def test_registered_in_the_registry():
     assert zig.comm_volume is comm_ops
     assert cont.comm_volume(B, 36, H, D, 4, 1, "bf16", True) == comm_ops(B, 36, H, D, 4, 1, "bf16", True,
                                                                          layout="contiguous")
+
+
+def test_bench_attention_runs_torch_ring_beside_ours(tmp_path, monkeypatch):
+    """The CPU benchmark (tiny, P = 2): torch's own ring runs beside ours where this torch has it (else one skip
+    line), both match SDPA, send the same bytes (ours counted by comm, torch's from its functional collectives),
+    make P kernel calls per pass; each record names its command and machine and the fastest ring."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_attention.py"
+    spec = importlib.util.spec_from_file_location("bench_attention", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_attention", bench)  # the spawned ranks import its worker by this name
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.jsonl"
+    argv = ["--world", "2", "--seq", "64", "--heads", "2", "--head-dim", "16", "--repeats", "2", "--warmup", "0",
+            "--algorithms", "ring", "--timeout", "120", "--out", str(out)]
+    assert bench.main(argv) == 0
+    rows = {r["algorithm"]: r for r in map(json.loads, out.read_text().splitlines())}
+    has_torch_ring = bench.peer_rings._torch_cp()[1] is None
+    assert set(rows) == ({"ring", "torch_ring", "torch_ring_a2a"} if has_torch_ring else {"ring"})
+    for r in rows.values():
+        assert r["check_ok"] and r["kernel_calls_fwd"] == r["kernel_calls_bwd"] == 2, r
+        assert r["bytes_fwd_bwd"] == rows["ring"]["bytes_fwd_bwd"] > 0
+        assert r["command"].endswith(" ".join(argv)) and "torch" in r["machine"]
+        assert r["vs_fastest_ring"] in rows and min(x["time_fwd_bwd_s"] for x in rows.values()) == \
+            rows[r["vs_fastest_ring"]]["time_fwd_bwd_s"]
