@@ -310,18 +310,13 @@ def _schedule(pieces: tuple[Piece, ...], n_q: int, n_k: int) -> _Schedule:
     return _Schedule(q_seen, k_seen, rows_written, keys_written, whole)
 
 
-KERNEL_CALLS = {"forward": 0, "backward": 0}  # backend calls made by this process (read by the benchmark)
-
-
 def _call_forward(impl, mask_impl, p: Piece, q, k, v, scale):
-    KERNEL_CALLS["forward"] += 1
     b = mask_impl if p.kind == "mask" else impl
     return b.forward(q, k, v, scale=scale, causal=p.kind == "causal",
                      mask=p.mask(q.device) if p.kind == "mask" else None)
 
 
 def _call_backward(impl, mask_impl, p: Piece, dout, q, k, v, out, lse, scale):
-    KERNEL_CALLS["backward"] += 1
     b = mask_impl if p.kind == "mask" else impl
     return b.backward(dout, q, k, v, out, lse, scale=scale, causal=p.kind == "causal",
                       mask=p.mask(q.device) if p.kind == "mask" else None)
