@@ -11,9 +11,10 @@ For each algorithm (and, for the 2-D ones, each grid) on P CPU processes (attn2d
      analytic prediction (the algorithm's comm_ops; max over ranks), and per pass the kernel calls (the CPU flash
      op and its backward, or the math backend's einsums are not kernels) and the other aten ops (OpCounter, a
      TorchDispatchMode; max over ranks);
-  3. time, after a warm-up, in interleaved rounds: round j times every algorithm once, forward then forward +
-     backward, each as --iters consecutive calls between two barriers (per-call mean; max over ranks), so a change
-     of background load on a shared machine hits every algorithm alike. Reported: median, min and max over the
+  3. time, after a warm-up, in interleaved rounds: round j times every algorithm once (starting with the j-th, so
+     none is always first), forward then forward + backward, each as --iters consecutive calls between two barriers
+     (per-call mean; max over ranks), so a change of background load on a shared machine hits every algorithm
+     alike. Reported: median, min and max over the
      --repeats rounds, and the CPU time of the same calls summed over the ranks (median; what the P ranks cost
      the machine, less sensitive to other jobs than wall time).
 The table gives each algorithm's times, MB and messages per rank (counted / predicted), kernel calls and aten ops
@@ -274,8 +275,9 @@ def worker(rank: int, world: int, args, runs):
         for _ in range(args.warmup):
             fwd()
             fwd_bwd()
-    for _ in range(args.repeats):
-        for (fwd, fwd_bwd), res in zip(calls, results):
+    for j in range(args.repeats):
+        order = list(zip(calls, results))
+        for (fwd, fwd_bwd), res in order[j % len(order):] + order[:j % len(order)]:  # each round starts elsewhere
             for key, fn in (("fwd", fwd), ("all", fwd_bwd)):
                 wall, cpu = _timed(fn, args.iters)
                 res["t_" + key].append(wall)

@@ -29,7 +29,7 @@ piece over the whole block returns the backend's output as is (no buffer, no cop
 
 Entry points: attn_forward / attn_backward (a block's result), and for a caller that keeps running accumulators
 (Ring Attention) attn_forward_into (merge into (out, lse) in place, only the rows the pieces touch) and
-attn_backward_into (dq added in place, key gradients handed back per piece). KERNEL_CALLS counts backend calls.
+attn_backward_into (dq added in place, key gradients handed back per piece). 
 
 Backends (backends.py): "math" (materialises scores; everywhere-correct, fp64), "cpu_flash", "cuda_flash",
 "cuda_efficient", "cudnn", "flash_attn". backend="auto" (or env ATTN2D_KERNEL_BACKEND) picks the first backend of
