@@ -36,9 +36,7 @@ Per-rank volume (every rank the same; n = N/P, e = bytes of the input dtype, a =
   backward kv_dkv_ring   (P-1) 2 B n H D (e + a)          P messages (step 0: K/V only, step P-1: dK/dV only)
            dkv_to_owner  2 B n H D a                       1 message
 i.e. the classic O(N) ring volume of Sec. 2 [D]: it does not fall as P grows (the paper's point against Ring).
-Every exchange is one comm.ring_shift (counted as point-to-point: its bytes, one message): on gloo it runs as an
-all_to_all_single with one non-empty split each way, about half the CPU time and latency of batch_isend_irecv.
-CUDA: nothing here is device specific (NCCL runs the same all_to_all_single); not run on a GPU here.
+CUDA: nothing here is device specific (batch_isend_irecv through attn2d.distributed.comm); not run on a GPU here.
 """
 from __future__ import annotations
 
@@ -120,7 +118,8 @@ def ring_forward(q, k, v, ring: Ring, causal: bool, layout: str):
         kv, spare = bufs[s % 2], bufs[(s + 1) % 2]  # kv: K/V of source rank (i - s) mod P
         handle = None
         if s < P - 1:  # post the exchange for step s+1 before computing step s
-            handle = comm.ring_shift(kv, spare, ring.group, op="kv_ring", async_op=True)
+            handle = comm.send_recv([(kv, ring.next)], [(spare, ring.prev)], op="kv_ring", async_op=True,
+                                    group=ring.group)
         q_pos, k_pos = plan[s]
         if s == 0:
             out, lse = kernels.attn_forward(q, kv[0], kv[1], causal=causal, q_pos=q_pos, k_pos=k_pos)
@@ -163,8 +162,8 @@ def ring_backward(dout, q, k, v, out, lse, ring: Ring, causal: bool, layout: str
     dq = None
     for s in range(P):
         cur, nxt = bufs[s % 2], bufs[(s + 1) % 2]  # cur: K/V of block b = (i - s) mod P (+ acc of block b + 1)
-        handle = comm.ring_shift(cur.part(s, P), nxt.part(s, P), ring.group, op="kv_dkv_ring",
-                                 async_op=True)  # receives K/V of b - 1 and the acc of block b
+        handle = comm.send_recv([(cur.part(s, P), ring.next)], [(nxt.part(s, P), ring.prev)], op="kv_dkv_ring",
+                                async_op=True, group=ring.group)  # receives K/V of b - 1 and the acc of block b
         q_pos, k_pos = plan[s]
         if s == 0:
             dq, dk_b, dv_b = kernels.attn_backward(dout, q, cur.kv[0], cur.kv[1], out, lse_b, causal=causal,
@@ -181,7 +180,7 @@ def ring_backward(dout, q, k, v, out, lse, ring: Ring, causal: bool, layout: str
             nxt.dkv[1][:, keys].add_(dv_b)
     # the accumulator of block i+1 is complete: return it to its owner, receive mine
     done, free = bufs[P % 2], bufs[(P + 1) % 2]
-    comm.ring_shift(done.dkv, free.dkv, ring.group, op="dkv_to_owner")
+    comm.send_recv([(done.dkv, ring.next)], [(free.dkv, ring.prev)], op="dkv_to_owner", group=ring.group)
     return dq, free.dkv[0], free.dkv[1]
 
 

@@ -193,32 +193,6 @@ def send_recv(
     return handle if async_op else handle.wait()
 
 
-def ring_shift(send: torch.Tensor, recv: torch.Tensor, group: dist.ProcessGroup | None, op: str = "ring_shift",
-               async_op: bool = False) -> P2PHandle | list[torch.Tensor]:
-    """One step of a ring over `group`: every rank sends `send` to group rank (r + 1) mod g and receives into
-    `recv` (contiguous) from (r - 1) mod g. A collective: every rank of the group calls it, in the same order.
-
-    Counted as point-to-point (its bytes sent and received, one message), what send_recv would count for the same
-    exchange. It runs as ONE all_to_all_single with a single non-empty split each way (the bytes viewed as uint8),
-    which gloo moves on its process-group thread: measured on gloo/CPU at 4 ranks, about half the CPU time and
-    latency of batch_isend_irecv for the same ring step. A group of one rank copies `send` into `recv`."""
-    g = group_size(group)
-    if not recv.is_contiguous():
-        raise ValueError("ring_shift: the receive buffer must be contiguous")
-    if g == 1:
-        recv.copy_(send)
-        handle = P2PHandle([], [recv])
-        return handle if async_op else handle.wait()
-    r = dist.get_rank(group)
-    out_b, in_b = recv.view(-1).view(torch.uint8), send.contiguous().view(-1).view(torch.uint8)  # (bytes,)
-    in_splits, out_splits = [0] * g, [0] * g
-    in_splits[(r + 1) % g], out_splits[(r - 1) % g] = in_b.numel(), out_b.numel()
-    work = dist.all_to_all_single(out_b, in_b, out_splits, in_splits, group=group, async_op=True)
-    _record(op, _nbytes(send), _nbytes(recv), 1)
-    handle = P2PHandle([work], [recv])
-    return handle if async_op else handle.wait()
-
-
 # ---------------------------------------------------------------------------------------------- analytic volumes
 @dataclass(frozen=True)
 class CommOp:
