@@ -300,6 +300,14 @@ def test_projection_rows_and_speedups():
     hw, shape = cm.load_hardware("a100_4gpn"), cm.load_model("gpt3_760m")
     wl = cm.Workload(seq_len=16384, fsdp=True, activation_checkpointing=True)
     assert t["attn2d"] == pytest.approx(cm.step_time("attn2d", shape, wl, 4, 4, hw).step_time_s)
+    # the speedup against each Ring variant, and the per-term breakdown that sums to the step
+    a2d = df.set_index("algorithm").loc["attn2d"]
+    t_cont = cm.step_time("ring_contiguous", shape, wl, 16, 1, hw, overlap=False).step_time_s
+    assert a2d.speedup_vs_ring_contiguous_nooverlap == pytest.approx(t_cont / t["attn2d"])
+    assert a2d.speedup_vs_ring_nooverlap > a2d.speedup_vs_ring
+    terms = [c for c in df.columns if c.startswith("term_")]
+    assert "term_comm_fwd_kv_col_all_gather_s" in terms and "term_comm_fwd_kv_ring_s" in terms
+    assert (df[terms].sum(axis=1) - df.step_time_s).abs().max() < 1e-9
 
 
 def test_grouped_query_attention_scales_only_the_kv_traffic():

@@ -1,5 +1,6 @@
 """Launchers and profiles: the job shapes of the paper's experiments, command-line overrides, per-grid shaping of
 one sweep, and the Snakemake profiles. No Slurm needed (tests/test_slurm.py runs a real one-node cluster)."""
+import json
 import os
 import re
 import signal
@@ -143,6 +144,8 @@ def test_real_launcher_submits_one_job_shape_per_grid(experiment, tmp_path):
     expected = sorted((n, t, t, hw) for n, t in (PAPER_SHAPES[hw][int(g.split("x")[0]) * int(g.split("x")[1])]
                                                  for g in grids))
     assert shapes == expected, out[-3000:]
+    names = sorted(sbatch_flags(p.read_text())["job-name"] for p in scripts.iterdir())  # squeue names the cell
+    assert names == sorted(f"a2d:{experiment}:ring:{g}:8192:gpt3_760m" for g in grids), names
 
 
 def test_one_local_sweep_runs_each_grid_with_its_own_world(tmp_path):
@@ -157,6 +160,11 @@ def test_one_local_sweep_runs_each_grid_with_its_own_world(tmp_path):
     for grid, world in (("1x2", 2), ("2x2", 4)):
         rec = recs[grid] = read_record(sweep / grid / "metrics.jsonl")
         assert rec.ok and rec.cell["world_size"] == world, rec.cell
+        # where it ran: the header's job key and the job file the launcher wrote at submission agree
+        job, submitted = rec.header["job"], json.loads((sweep / grid / "job.json").read_text())
+        assert (job["launcher"], job["scheduler"], job["partition"]) == ("local_cpu", "local", None), job
+        assert job["job_id"] == submitted["job_id"] and job["job_name"] == f"a2d:smoke_cpu:attn2d:{grid}:48:tiny"
+        assert job["launcher_params"]["tasks_per_node"] == world and Path(submitted["stderr"]).is_file()
     # the local launcher runs the points one after the other (second-resolution timestamps: <=, not <)
     assert recs["1x2"].end["finished_at"] <= recs["2x2"].header["started_at"], (recs["1x2"].end, recs["2x2"].header)
 

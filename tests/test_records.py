@@ -94,3 +94,17 @@ def test_malformed_records_are_rejected_naming_the_file(tmp_path, damage, proble
 def test_missing_record(tmp_path):
     with pytest.raises(RecordError, match="no such record"):
         read_record(tmp_path)
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_numbers_are_rejected_with_file_and_line(tmp_path, constant):
+    """json.loads reads NaN/Infinity by default; a record holding one is refused, not read as ok with a blank or
+    inf time (issue: a NaN step time showed as "1 cells, 0 failed")."""
+    records.write(tmp_path, HEADER, [step(1), step(2)])
+    lines = _lines(tmp_path)
+    lines[2] = lines[2].replace('"step_time_s": 0.5', f'"step_time_s": {constant}')
+    assert constant in lines[2]
+    (tmp_path / records.METRICS).write_text("\n".join(lines) + "\n")
+    with pytest.raises(RecordError, match=str(tmp_path / records.METRICS).replace(".", r"\.")
+                       + f": line 3 holds the non-finite number {constant}"):
+        read_record(tmp_path)

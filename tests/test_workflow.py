@@ -85,7 +85,8 @@ def test_slurm_dry_run_lists_one_job_per_paper_cell_with_its_shape(tmp_path, slu
 def test_slurm_dry_run_honours_sweep_and_launcher_overrides(tmp_path, slurm_profile):
     out = snakemake(workdir(tmp_path), "--profile", str(slurm_profile), "-n", "--config",
                     "experiments=[a100_speedup]", "sweep=model=gpt3_2p7b benchmark.seq_len=8192,16384,32768",
-                    "launcher_overrides=hydra.launcher.partition=gpu hydra.launcher.account=proj1").stdout
+                    "launcher_overrides=hydra.launcher.partition=gpu hydra.launcher.account=proj1",
+                    "cluster_checks=false").stdout  # (a cluster here may have no partition gpu)
     jobs = dry_run_cells(out)
     assert len(jobs) == 1 * 3 * 2 * 3
     assert all("model=gpt3_2p7b" in j["cell"] for j in jobs)
@@ -117,14 +118,14 @@ def write_synthetic(root: Path, cells, fail=lambda c: False) -> None:
 
 
 def _is_failing(c) -> bool:
-    return c.info["attention"] == "attn2d_overlap" and c.info["world_size"] == 9 and c.info["seq_len"] == 288
+    return c.info["attention"] == "attn2d_overlap" and c.info["world_size"] == 9 and c.info["seq_len"] == 576
 
 
 @pytest.fixture(scope="module")
 def small_plan():
     """The local profile's default experiments at two sequence lengths (as the Snakemake tests select them)."""
     return C.plan(C.default_experiments(CONF_DIR, paper=False), conf_dir=CONF_DIR, launcher="local_cpu",
-                  sweep="benchmark.seq_len=144,288")
+                  sweep="benchmark.seq_len=288,576")  # both split over 16 ranks in every layout
 
 
 def test_collect_tables_speedups_and_failed_cells(tmp_path, small_plan):
@@ -136,11 +137,11 @@ def test_collect_tables_speedups_and_failed_cells(tmp_path, small_plan):
     assert len(failed) == 1 and failed.iloc[0].reason == "RuntimeError: synthetic failure of this cell"
     assert pd.isna(failed.iloc[0].step_time_s) and pd.isna(failed.iloc[0].speedup_vs_ring)
     ok = df[df.status == "ok"].set_index(["attention", "gpus", "seq_len"])
-    assert ok.loc[("attn2d", 4, 144), "step_time_s"] == pytest.approx(NO_S)  # median of 1.1t, t, 0.9t
-    assert ok.loc[("attn2d", 9, 288), "speedup_vs_ring"] == pytest.approx(RING_S / NO_S)
-    assert ok.loc[("attn2d_overlap", 4, 288), "speedup_vs_ring"] == pytest.approx(RING_S / O_S)
-    assert ok.loc[("ring", 9, 144), "speedup_vs_ring"] == pytest.approx(1.0)
-    assert ok.loc[("ring", 9, 144), "attn_comm_bytes_sent"] == 100 * 144 // 9
+    assert ok.loc[("attn2d", 4, 288), "step_time_s"] == pytest.approx(NO_S)  # median of 1.1t, t, 0.9t
+    assert ok.loc[("attn2d", 9, 576), "speedup_vs_ring"] == pytest.approx(RING_S / NO_S)
+    assert ok.loc[("attn2d_overlap", 4, 576), "speedup_vs_ring"] == pytest.approx(RING_S / O_S)
+    assert ok.loc[("ring", 9, 288), "speedup_vs_ring"] == pytest.approx(1.0)
+    assert ok.loc[("ring", 9, 288), "attn_comm_bytes_sent"] == 100 * 288 // 9
     assert K.hardware_summary(df) == "cpu: Synthetic CPU; 1 node"
     K.write_tables(df, tmp_path / "t.csv", tmp_path / "t.md", "local_speedup")
     md = (tmp_path / "t.md").read_text()
@@ -217,8 +218,11 @@ def test_snakemake_builds_tables_figures_and_report_from_records(tmp_path, small
     """With every record present no cell runs; tables (failed cell included), figures and the HTML report."""
     wd = workdir(tmp_path)
     write_synthetic(wd, small_plan.jobs.values(), fail=_is_failing)
-    cfg = ["--config", "launcher=local_cpu", "sweep=benchmark.seq_len=144,288", "modelled=false"]
-    out = snakemake(wd, "--cores", "2", *cfg).stdout + ""
+    cfg = ["--config", "launcher=local_cpu", "sweep=benchmark.seq_len=288,576", "modelled=false",
+           "allow_failed_cells=true"]  # one synthetic cell failed: accepted, the figures show it
+    run = snakemake(wd, "--cores", "2", *cfg)
+    out = run.stdout
+    assert "1 of" in run.stderr and "allow_failed_cells=true" in run.stderr  # listed, accepted: exit 0
     for e, kinds in (("local_speedup", ("speedup",)), ("local_time_per_step", ("time_per_step",)),
                      ("local_comm_bytes", ("comm_bytes",))):
         t = pd.read_csv(wd / f"results/tables/{e}.csv")
@@ -328,4 +332,4 @@ def test_run_cell_kills_a_run_past_its_time_limit(tmp_path):
     assert rc.main(_cell_args(tmp_path / "cell", "--timeout-min", "0.02") + sleeper) == 0
     assert __import__("time").monotonic() - t0 < 30
     rec = records.read_record(tmp_path / "cell")
-    assert rec.status == "failed" and rec.end["reason"].startswith("timed out: still running after 0.02 min")
+    assert rec.status == "failed" and rec.end["reason"].startswith("timed out after 0.02 min")

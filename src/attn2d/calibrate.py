@@ -615,6 +615,8 @@ def _sync_penalty(m: dict) -> list[str]:
     for w, o in sorted(got.items()):
         lines.append(f"    {w}: {o['penalty_s']:.4g}  # task {o['task_s']:.3g} s, sync {o['sync_s']:.3g} s, "
                      f"both {o['mixed_s']:.3g} s")
+    lines.append("  sync_penalty_scaling: oversubscription  # the smallest oversubscribed world's penalty x (P/cores - 1) "
+                 "(attn2d.costmodel.Hardware.sync_penalty; evidence: results/tables/costmodel/validation_timeshare.md)")
     return lines
 
 

@@ -12,6 +12,10 @@ module imports it, so composing through `compose()` or `python -m attn2d.train` 
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import functools
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -19,6 +23,7 @@ from typing import Any, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 import attn2d.slurm  # noqa: F401 - registers the launcher resolvers before any composition
+from attn2d.distributed.grid import GridError, check_timeout
 from attn2d.model import GPTConfig
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the repository's conf/ (package installed editable)
@@ -27,6 +32,41 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the repository's conf
 
 class ConfigError(ValueError):
     """A composed config that cannot run; the message lists every problem found."""
+
+
+def _process_start(pid: int) -> float:
+    """Start time (epoch seconds) of process `pid`, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # fields 3.. of proc(5)
+    btime = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                 if line.startswith("btime"))
+    return btime + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: starttime, in clock ticks since boot
+
+
+@functools.lru_cache(maxsize=1)
+def launch_time() -> float:
+    """When this job was launched: under torchrun the start of its agent (the parent of every local rank), so all
+    ranks of a node resolve one time; elsewhere the first call's time."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        try:
+            return _process_start(os.getppid())
+        except (OSError, ValueError, IndexError, StopIteration):
+            pass
+    return time.time()
+
+
+# ${attn2d.now:%Y-%m-%d_%H-%M-%S} (conf/config.yaml's hydra.run.dir): Hydra's ${now:} but one value for every rank
+# of a torchrun launch, so the ranks share one run dir instead of leaving second dirs holding only train.log.
+OmegaConf.register_new_resolver(
+    "attn2d.now", lambda pattern: datetime.datetime.fromtimestamp(launch_time()).strftime(pattern), replace=True)
+
+
+def timeout_s_of(cfg: DictConfig) -> float:
+    """benchmark.timeout_s, checked (a finite number > 0) before any process group exists; ConfigError if not."""
+    value = OmegaConf.select(cfg, "benchmark.timeout_s", default=300.0)
+    try:
+        return check_timeout(value, "benchmark.timeout_s").total_seconds()
+    except GridError as e:
+        raise ConfigError(f"invalid config: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------- group schemas
@@ -156,6 +196,10 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> Settings:
         for key, low in (("seq_len", 1), ("batch_size", 1), ("steps", 1), ("warmup_steps", 0), ("cpu_threads", 0)):
             if getattr(b, key) < low:
                 errors.append(f"benchmark.{key} is {getattr(b, key)}, it must be >= {low}")
+        try:
+            check_timeout(b.timeout_s, "benchmark.timeout_s")
+        except GridError as e:
+            errors.append(str(e))
 
     impl = None
     if a is not None:
@@ -175,9 +219,12 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> Settings:
             except Exception as e:  # noqa: BLE001 - e.g. a resolver refusing a grid that does not fill whole nodes
                 errors.append(f"hydra.launcher: {str(e).splitlines()[0]}")
         if tasks is not None and tasks != P:
+            hint = (f"; this grid needs {P} ranks: run it with `torchrun --nproc-per-node {P} -m attn2d.train ...` "
+                    "or a launcher (`python -m attn2d.train -m hydra/launcher=local_cpu ...`, or a Slurm one)"
+                    if tasks == 1 and world_size == 1 and P > 1 else "")
             errors.append(f"grid {g.rows}x{g.cols} needs {P} ranks, but {source} {tasks}; "
                           f"grids that fit {tasks} ranks: "
-                          + ", ".join(f"{d}x{tasks // d}" for d in range(1, tasks + 1) if tasks % d == 0))
+                          + ", ".join(f"{d}x{tasks // d}" for d in range(1, tasks + 1) if tasks % d == 0) + hint)
         if impl is not None and impl.needs_world == "one" and P != 1:
             errors.append(f"attention {impl.name!r} runs on one process only, but grid {g.rows}x{g.cols} has {P} "
                           f"ranks; use grid=1x1, or a distributed attention ({', '.join(_distributed_names(ATTENTION))})")
@@ -202,6 +249,8 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> Settings:
             if getattr(m, key) < 1:
                 errors.append(f"model.{key} is {getattr(m, key)}, it must be >= 1")
 
+    if len(errors) == 1:
+        raise ConfigError(f"invalid config: {errors[0]}")
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
     return Settings(m, a, g, b)

@@ -30,17 +30,25 @@ A step is priced from three parts, every assumption a number in one hardware pro
                                               max over ranks  (bytes leaving the rank on-node) / intra bandwidth )
     (GPU-NIC affinity: a collective's channels use its members' NICs; a point-to-point stream counts as a group
     of one, its GPU's NIC.)
-    NCCL runs all-gather and reduce-scatter as rings (NCCL's tuning model only considers rings for them; trees are
+    `collective_algorithm` "ring" (default) or "tree" sets the inter-node latency of collectives: ring
+    nodes - 1 inter-node alphas, tree ceil(log2 nodes) (NCCL's tree all-reduce; PAT all-gather / reduce-scatter,
+    which NCCL uses with one GPU per node); the bandwidth term is the same (an assumption).
+    `p2p_inter_efficiency` scales the inter-node bandwidth of point-to-point streams (ring p2p, Attention2D-O):
+    an unknown (NCCL send/recv uses fewer channels per peer than a collective), 1 by default.
+    By default NCCL runs all-gather and reduce-scatter as rings (NCCL's tuning model only considers rings for them; trees are
     for all-reduce): (steps - inter_steps) intra-node alphas plus inter_steps = nodes_in_group - 1 inter-node
     alphas, as in NCCL's src/graph/tuning.cc. Point-to-point rings pay an inter-node alpha per step once any
     edge leaves a node (each step waits for its slowest edge).
 (c) Overlap. Ops with `overlapped=True` run beside the compute steps of their phase: a pipeline of per-step
-    max(compute, comm) with efficiency `overlap_efficiency` (1: perfect hiding, 0: serial). Gradient
+    max(compute, comm) with efficiency `overlap_efficiency` (1: perfect hiding, 0: serial).
+    step_time(..., overlap=False) prices an implementation that does not overlap at all (every attention
+    transfer serial: compute + communication), the baseline "Ring Attention without overlap". Gradient
     synchronisation (all-reduce, or FSDP all-gather + reduce-scatter) is priced with the same network model; with
     `grad_sync_overlap` it runs beside the backward compute.
 
 The step time is n_layer x (attention fwd + bwd per layer) + rest-of-model compute + optimizer + exposed gradient
-sync + per-layer / per-step software overhead + the benchmark timer's closing barrier. P = 1 gives exactly the
+sync + per-layer / per-step software overhead + the benchmark timer's closing barrier; StepTime.breakdown() gives it
+as additive terms (attention compute, exposed communication per op, grad sync, optimizer, overheads). P = 1 gives exactly the
 local (single-device) time; the tests check that limit.
 
 Profiles: conf/hardware/a100_4gpn.yaml and h100_1gpn.yaml (public specifications and stated assumptions, every
@@ -60,10 +68,12 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from attn2d.distributed.comm import CommOp
+from attn2d.distributed.placement import rank_nodes
 from attn2d.model import GPTConfig
 
 ALGORITHMS = ("local", "ring", "ring_contiguous", "attn2d", "attn2d_overlap")
 DTYPE_BYTES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp32": 4, "float32": 4, "fp64": 8, "float64": 8}
+COLLECTIVE_ALGORITHMS = ("ring", "tree")
 ATTN_BWD_FLOP_RATIO = 2.5  # FlashAttention convention: backward = 5 matmuls vs 2 forward
 
 
@@ -113,6 +123,8 @@ class Hardware:
     attn_step_overhead_s: float = 0.0  # host time per synchronous attention step per rank (merging partials, slicing)
     sync_penalty_by_world: dict = field(default_factory=dict)  # {P: s} CPU: wall time added to each communication
     # call when the ranks arrive from CPU work on time-shared cores (measured), interpolated in P
+    sync_penalty_scaling: str = "measured"  # "measured": interpolate sync_penalty_by_world in P; "oversubscription":
+    # the smallest world's measured penalty per rank beyond a core, scaled by (P / cores - 1) (see sync_penalty)
     step_overhead_s: float = 0.0  # per step (loss, optimizer launch, python)
     overhead_by_world: dict = field(default_factory=dict)  # {P: (layer_s, step_s)} measured with P ranks sharing
     # the cores (CPU); replaces (layer, step overhead) / share, interpolated in P
@@ -128,7 +140,25 @@ class Hardware:
     kinds: dict = field(default_factory=dict)  # {kind: Link} per-kind override of the intra link (measured)
     kinds_by_world: dict = field(default_factory=dict)  # {world: {kind: Link}} measured at several world sizes
     overlap_efficiency: float = 1.0
+    p2p_inter_efficiency: float = 1.0  # fraction of the inter-node bandwidth a point-to-point stream achieves
+    # relative to collectives (NCCL send/recv opens fewer channels per peer than a ring collective); 1: the same
+    placement: str | tuple = "row"  # which grid dimension lies inside a node (attn2d.distributed.placement): row,
+    # col, or an explicit rank -> node list (grid rank k = process rank k, so a ring or the world group uses it too)
+    collective_algorithm: str = "ring"  # inter-node latency of collectives: "ring" (nodes - 1 steps) or "tree"
+    # (log2(nodes) steps: NCCL's tree all-reduce; PAT all-gather / reduce-scatter with one GPU per node)
     source: str = ""
+
+    def __post_init__(self):
+        from attn2d.distributed.placement import PLACEMENTS
+
+        if isinstance(self.placement, list):  # an explicit rank -> node list (hashable, for the caches)
+            object.__setattr__(self, "placement", tuple(int(x) for x in self.placement))
+        if not isinstance(self.placement, tuple) and self.placement not in PLACEMENTS:
+            raise ValueError(f"hardware {self.name!r}: placement {self.placement!r} unknown; known: "
+                             f"{', '.join(PLACEMENTS)}, or a list of node ids, one per rank")
+        if self.collective_algorithm not in COLLECTIVE_ALGORITHMS:
+            raise ValueError(f"hardware {self.name!r}: collective_algorithm {self.collective_algorithm!r} unknown; "
+                             f"known: {', '.join(COLLECTIVE_ALGORITHMS)}")
 
     def attn_rate(self, head_dim: int, phase: str, local: bool = False, mask: bool = False) -> float:
         """Attention FLOP/s for a head_dim, forward or backward: block kernel, `local` kernel or masked pieces."""
@@ -151,6 +181,24 @@ class Hardware:
         if not self.shared_cores:
             return 1.0
         return min(1.0, self.shared_cores / (max(1, ranks_on_node) * self.threads_per_rank))
+
+    def sync_penalty(self, world: int) -> float:
+        """Wall time added to each communication call by ranks time-sharing cores (CPU profiles).
+
+        "measured": sync_penalty_by_world interpolated in P. "oversubscription": a synchronising call waits until
+        every rank has been scheduled again; with P ranks on C cores each core runs P/C of them in turn, so the
+        wait grows with the ranks queued behind each core: penalty(P) = penalty(P0) x (P/C - 1) / (P0/C - 1),
+        from the smallest measured world P0 > C (the microbenchmark at larger P, one short GEMM before each call,
+        gives the scheduler too little work to queue; see results/tables/costmodel/validation_local.md)."""
+        if not self.sync_penalty_by_world:
+            return 0.0
+        ws = sorted(self.sync_penalty_by_world)
+        if self.sync_penalty_scaling == "oversubscription" and self.shared_cores:
+            C = self.shared_cores * self.threads_per_rank
+            ref = next((w for w in ws if w > C), None)
+            if ref is not None:
+                return self.sync_penalty_by_world[ref] * max(0.0, world / C - 1.0) / (ref / C - 1.0)
+        return float(np.interp(world, ws, [self.sync_penalty_by_world[w] for w in ws]))
 
     def overheads(self, world: int, n_layer: int) -> float:
         """Per-step software time outside the FLOP terms: (step + n_layer x layer overhead), stretched by core
@@ -218,6 +266,7 @@ def hardware_from_dict(d: dict, name: str | None = None) -> Hardware:
         comm_call_overhead_s=float(c.get("comm_call_overhead_s", 0.0)),
         attn_step_overhead_s=float(c.get("attn_step_overhead_s", 0.0)),
         sync_penalty_by_world={int(w): float(v) for w, v in (c.get("sync_penalty_by_world") or {}).items()},
+        sync_penalty_scaling=str(c.get("sync_penalty_scaling", "measured")),
         step_overhead_s=float(c.get("step_overhead_s", 0.0)),
         overhead_by_world={int(w): (float(v["layer_overhead_s"]), float(v["step_overhead_s"]))
                            for w, v in (c.get("overhead_by_world") or {}).items()},
@@ -234,6 +283,10 @@ def hardware_from_dict(d: dict, name: str | None = None) -> Hardware:
         kinds=kinds,
         kinds_by_world=by_world,
         overlap_efficiency=float(d.get("overlap", {}).get("efficiency", 1.0)),
+        p2p_inter_efficiency=float(inter.get("p2p_efficiency", 1.0)),
+        placement=(tuple(int(x) for x in n["placement"]) if isinstance(n.get("placement"), list)
+                   else str(n.get("placement", "row"))),
+        collective_algorithm=str(n.get("collective_algorithm", "ring")),
         source=str(d.get("source", "")),
     )
 
@@ -377,13 +430,12 @@ class OpTime:
         return self.latency_s + self.bandwidth_s
 
 
-def price_op(op: CommOp, rows: int, cols: int, hw: Hardware, glue: bool = True) -> OpTime:
-    """Alpha-beta time of one CommOp on the hierarchical network (see the module docstring), plus, with `glue`,
-    the algorithm's host time around each call (`comm_call_overhead_s`, stretched when ranks share cores)."""
-    if op.group_size <= 1 or (op.bytes_sent == 0 and op.bytes_received == 0 and op.messages == 0):
-        return OpTime(op.name, op.phase, op.kind, op.group, op.overlapped, 0.0, 0.0, False, 1)
-    G = max(1, hw.gpus_per_node)
-    node = lambda k: k // G  # noqa: E731
+@lru_cache(maxsize=65536)
+def _op_loads(op: CommOp, rows: int, cols: int, G: int, placement: str) -> tuple[float, float, float, int, bool]:
+    """The network loads of `op` on the grid under a placement (they do not depend on link speeds, so cached):
+    (max bytes a rank sends on-node, max bytes leaving a node, max bytes per NIC of a group's members on a node
+    leaving it, nodes spanned by a group, whether any edge leaves a node)."""
+    node = rank_nodes(rows, cols, G, placement).__getitem__
     edges, groups = op_edges(op, rows, cols)
     group_of = {k: i for i, g in enumerate(groups) for k in g}
     node_out: dict[int, float] = {}  # bytes leaving each node (all groups: they share its NICs)
@@ -396,26 +448,41 @@ def price_op(op: CommOp, rows: int, cols: int, hw: Hardware, glue: bool = True) 
             group_node_out[key] = group_node_out.get(key, 0.0) + nbytes
         else:
             rank_intra[a] = rank_intra.get(a, 0.0) + nbytes
-    link = hw.intra_link(op.kind, rows * cols)
-    t_bw = max(rank_intra.values(), default=0.0) / link.bw_bytes_per_s
-    inter = bool(node_out)
-    if inter:
-        t_bw = max(t_bw, max(node_out.values()) / hw.inter.bw_bytes_per_s)
-        if hw.inter_rank_bw_bytes_per_s:
-            # GPU-NIC affinity: a collective's channels use the NICs of its members on that node; a p2p stream
-            # uses its own GPU's NIC
-            for (gid, nd), nbytes in group_node_out.items():
-                members = 1 if op.kind == "p2p" else sum(1 for k in groups[gid] if node(k) == nd)
-                t_bw = max(t_bw, nbytes / (min(members, G) * hw.inter_rank_bw_bytes_per_s))
-    # nodes spanned by a group (all groups of a kind have the same shape under packing)
+    # GPU-NIC affinity: a collective's channels use the NICs of its members on that node; a p2p stream uses its
+    # own GPU's NIC
+    nic = 0.0
+    for (gid, nd), nbytes in group_node_out.items():
+        members = 1 if op.kind == "p2p" else sum(1 for k in groups[gid] if node(k) == nd)
+        nic = max(nic, nbytes / min(members, G))
     nodes_in_group = max((len({node(k) for k in g}) for g in groups), default=1)
+    return (max(rank_intra.values(), default=0.0), max(node_out.values(), default=0.0), nic, nodes_in_group,
+            bool(node_out))
+
+
+def price_op(op: CommOp, rows: int, cols: int, hw: Hardware, glue: bool = True) -> OpTime:
+    """Alpha-beta time of one CommOp on the hierarchical network (see the module docstring), plus, with `glue`,
+    the algorithm's host time around each call (`comm_call_overhead_s`, stretched when ranks share cores)."""
+    if op.group_size <= 1 or (op.bytes_sent == 0 and op.bytes_received == 0 and op.messages == 0):
+        return OpTime(op.name, op.phase, op.kind, op.group, op.overlapped, 0.0, 0.0, False, 1)
+    G = max(1, hw.gpus_per_node)
+    max_intra, max_node_out, max_nic_load, nodes_in_group, inter = _op_loads(op, rows, cols, G, hw.placement)
+    link = hw.intra_link(op.kind, rows * cols)
+    t_bw = max_intra / link.bw_bytes_per_s
+    if inter:
+        eff = hw.p2p_inter_efficiency if op.kind == "p2p" else 1.0
+        t_bw = max(t_bw, max_node_out / (hw.inter.bw_bytes_per_s * eff))
+        if hw.inter_rank_bw_bytes_per_s:
+            t_bw = max(t_bw, max_nic_load / (hw.inter_rank_bw_bytes_per_s * eff))
     steps = max(1, op.steps)
     twice = 2 if op.kind == "all_reduce" else 1
     n_calls = max(1, steps // max(1, (op.group_size - 1) * twice))  # collectives bundled in one op (buckets, units)
     if op.kind in ("all_gather", "reduce_scatter", "all_reduce") and inter:
         # NCCL tuning.cc: a ring crosses nodes in nInterSteps = nNodes - 1 of its steps (2 (nNodes - 1) for an
         # all-reduce)
-        inter_steps = min(steps, (nodes_in_group - 1) * twice * n_calls)
+        # tree: log2(nNodes) (NCCL tree all-reduce up and down; PAT all-gather / reduce-scatter)
+        hops = (nodes_in_group - 1 if hw.collective_algorithm == "ring"
+                else math.ceil(math.log2(max(2, nodes_in_group))))
+        inter_steps = min(steps, hops * twice * n_calls)
         lat = (steps - inter_steps) * link.alpha_s + inter_steps * hw.inter.alpha_s
     elif inter:
         lat = steps * hw.inter.alpha_s  # a p2p ring step (or an all-to-all round) waits for its slowest edge
@@ -427,8 +494,7 @@ def price_op(op: CommOp, rows: int, cols: int, hw: Hardware, glue: bool = True) 
     if glue and hw.comm_call_overhead_s:
         lat += calls * hw.comm_call_overhead_s / hw.compute_share(min(rows * cols, G))
     if hw.sync_penalty_by_world:
-        ws = sorted(hw.sync_penalty_by_world)
-        lat += calls * float(np.interp(rows * cols, ws, [hw.sync_penalty_by_world[w] for w in ws]))
+        lat += calls * hw.sync_penalty(rows * cols)
     return OpTime(op.name, op.phase, op.kind, op.group, op.overlapped, lat, t_bw, inter, nodes_in_group)
 
 
@@ -518,15 +584,24 @@ def attention_step_times(algorithm: str, shape: ModelShape, wl: Workload, rows: 
     mask_rate = hw.attn_rate(shape.d_head, phase, mask=True) * share
     skip = hw.causal_skip(local)
     flop_per_pair = 4.0 * wl.batch_size * shape.n_head * shape.d_head * (1.0 if phase == "fwd" else ATTN_BWD_FLOP_RATIO)
+    return list(_step_times(algorithm, wl.seq_len, rows, cols, wl.causal, hw.causal_bottom_right,
+                            (hw.attn_call_overhead_s, hw.attn_step_overhead_s, share, skip),
+                            flop_per_pair / rate, flop_per_pair / mask_rate))
+
+
+@lru_cache(maxsize=65536)
+def _step_times(algorithm, seq_len, rows, cols, causal, bottom_right, over, s_per_pair, s_per_mask_pair) -> tuple:
+    """attention_step_times for scalar arguments (cached: the network sweeps re-price the same compute)."""
+    call_s, step_s, share, skip = over
     times = []
-    for step in schedule_work(algorithm, wl.seq_len, rows, cols, wl.causal, hw.causal_bottom_right):
+    for step in schedule_work(algorithm, seq_len, rows, cols, causal, bottom_right):
         worst = 0.0
         for calls, dense, masked, mask in step:
-            t = ((calls * hw.attn_call_overhead_s + hw.attn_step_overhead_s) / share
-                 + (dense - skip * masked) * flop_per_pair / rate + mask * flop_per_pair / mask_rate)
+            t = ((calls * call_s + step_s) / share
+                 + (dense - skip * masked) * s_per_pair + mask * s_per_mask_pair)
             worst = max(worst, t)
         times.append(worst)
-    return times
+    return tuple(times)
 
 
 def attention_flops(shape: ModelShape, wl: Workload) -> float:
@@ -627,6 +702,7 @@ class StepTime:
     overhead_s: float
     step_time_s: float
     ops: list = field(default_factory=list, repr=False)
+    attn_exposed_by_op: dict = field(default_factory=dict, repr=False)  # {"phase.op": exposed s per step}
 
     @property
     def world(self) -> int:
@@ -635,24 +711,50 @@ class StepTime:
     def as_dict(self) -> dict:
         d = asdict(self)
         d.pop("ops")
+        d.pop("attn_exposed_by_op")
         return d
+
+    def breakdown(self) -> dict:
+        """The step as additive terms (seconds, summing to step_time_s): attention compute (the checkpointing
+        replay of the forward included), exposed attention communication per operation ("comm.<phase>.<op>",
+        the replayed forward's counted twice), rest-of-model compute, exposed grad sync, optimizer, overheads."""
+        exposed = sum(self.attn_exposed_by_op.values())
+        out = {"attn_compute_s": self.attn_fwd_s + self.attn_bwd_s - exposed}
+        out.update({f"comm.{k}": v for k, v in sorted(self.attn_exposed_by_op.items())})
+        out.update({"rest_compute_s": self.rest_compute_s, "grad_sync_exposed_s": self.grad_sync_exposed_s,
+                    "optimizer_s": self.optimizer_s, "overhead_s": self.overhead_s})
+        return out
 
 
 def attention_phases(algorithm: str, shape: ModelShape, wl: Workload, rows: int, cols: int, hw: Hardware,
-                     ops: Sequence[CommOp] | None = None, priced: Sequence[OpTime] | None = None) -> dict:
+                     ops: Sequence[CommOp] | None = None, priced: Sequence[OpTime] | None = None,
+                     overlap: bool = True, exposed_by_op: dict | None = None) -> dict:
     """One layer's attention, per phase: (compute s, communication s priced, wall s) under the overlap model.
-    rows x cols as the algorithm runs (ring: P x 1); ops default to the algorithm's comm_ops."""
+    rows x cols as the algorithm runs (ring: P x 1); ops default to the algorithm's comm_ops. overlap=False:
+    every transfer is serial. `exposed_by_op` (if given) receives {(phase, op name): exposed s}: a serial op's
+    whole time, an overlapped op's share (by its time) of what the pipeline adds to the compute."""
     ops = list(ops) if ops is not None else comm_ops_for(algorithm, shape, wl, rows, cols)
     priced = list(priced) if priced is not None else [price_op(op, rows, cols, hw) for op in ops]
     phases = {}
     for phase in ("fwd", "bwd"):
         steps = attention_step_times(algorithm, shape, wl, rows, cols, hw, phase)
-        exposed = sum(o.time_s for o in priced if o.phase == phase and not o.overlapped)
-        hidden_t = sum(o.time_s for o in priced if o.phase == phase and o.overlapped)
+        mine = [o for o in priced if o.phase == phase]
+        serial = [o for o in mine if not (o.overlapped and overlap)]
+        hidden = [o for o in mine if o.overlapped and overlap]
+        exposed = sum(o.time_s for o in serial)
+        hidden_t = sum(o.time_s for o in hidden)
         # overlapped transfers run beside the compute steps: spread over the n - 1 gaps of n steps (a ring's
         # P - 1 transfers beside its P steps; Attention2D-O's column then row transfers beside Alg. 5 and 6)
-        wall = exposed + _pipeline(steps, hidden_t, max(1, len(steps) - 1), hw.overlap_efficiency)
+        pipe = _pipeline(steps, hidden_t, max(1, len(steps) - 1), hw.overlap_efficiency)
+        wall = exposed + pipe
         phases[phase] = (sum(steps), exposed + hidden_t, wall)
+        if exposed_by_op is not None:
+            extra = max(0.0, pipe - sum(steps))
+            for o in serial:
+                exposed_by_op[(phase, o.name)] = exposed_by_op.get((phase, o.name), 0.0) + o.time_s
+            for o in hidden:
+                share = extra * o.time_s / hidden_t if hidden_t > 0 else 0.0
+                exposed_by_op[(phase, o.name)] = exposed_by_op.get((phase, o.name), 0.0) + share
     return phases
 
 
@@ -662,11 +764,12 @@ def comm_calls(ops: Iterable[CommOp]) -> int:
 
 
 def step_time(algorithm: str, shape: ModelShape, wl: Workload, rows: int, cols: int, hw: Hardware,
-              comm_ops: Iterable[CommOp] | None = None) -> StepTime:
+              comm_ops: Iterable[CommOp] | None = None, overlap: bool = True) -> StepTime:
     """Predicted time of one training step (forward + backward + optimizer) of `shape` on a rows x cols grid.
 
     comm_ops: the attention CommOps of ONE layer (both phases); default: the algorithm module's comm_ops.
-    For ring/ring_contiguous the grid is the 1-D group of P = rows*cols ranks."""
+    For ring/ring_contiguous the grid is the 1-D group of P = rows*cols ranks. overlap=False: the attention's
+    transfers are not overlapped with its compute (e.g. Ring Attention without overlap)."""
     P = rows * cols
     if algorithm == "local" and P != 1:
         raise ValueError(f"algorithm 'local' runs on one device, but the grid {rows}x{cols} has {P} ranks")
@@ -677,7 +780,8 @@ def step_time(algorithm: str, shape: ModelShape, wl: Workload, rows: int, cols: 
     share = hw.compute_share(min(P, hw.gpus_per_node))
     L = shape.n_layer
 
-    phases = attention_phases(algorithm, shape, wl, rows, cols, hw, ops, priced)
+    by_op: dict = {}
+    phases = attention_phases(algorithm, shape, wl, rows, cols, hw, ops, priced, overlap, by_op)
 
     ckpt = wl.activation_checkpointing
     tokens_per_rank = wl.batch_size * wl.seq_len / P
@@ -714,6 +818,8 @@ def step_time(algorithm: str, shape: ModelShape, wl: Workload, rows: int, cols: 
         attn_fwd_s=fwd_wall, attn_bwd_s=bwd_wall, rest_compute_s=rest, optimizer_s=optimizer,
         grad_sync_s=grad, grad_sync_exposed_s=grad_exposed, overhead_s=overhead, step_time_s=total,
         ops=priced + gs,
+        attn_exposed_by_op={f"{ph}.{name}": t * L * (2 if (ckpt and ph == "fwd") else 1)
+                            for (ph, name), t in by_op.items()},
     )
 
 

@@ -2,7 +2,8 @@
 
 metrics.jsonl holds one JSON object per line (schema: schemas/metrics.schema.json):
     {"kind": "header", "cell": {...}, "config": {...}, "versions": {...}, "hosts": [...], "devices": [...],
-     "git_rev": ..., "started_at": iso}
+     "git_rev": ..., "started_at": iso, "job": {launcher, scheduler, job_id, job_name, partition, account,
+     nodelist, requeue_count, launcher_params} | null (optional: where it ran, attn2d.slurm.job_header)}
     {"kind": "step", "step", "step_time_s", "tokens_per_s", "tflops_per_gpu", "mfu", "max_mem_gib",
      "comm_bytes_sent", "comm_bytes_received", "comm_messages", "attn_comm_bytes_sent", "attn_comm_messages",
      "loss", "comm_by_op": {op: {bytes_sent, bytes_received, messages}}, "comm_per_rank": [...]}   (per timed step)
@@ -162,11 +163,21 @@ def validate_line(obj: Any) -> str | None:
     return f"{where}: {e.message}"
 
 
+class _NonFinite(ValueError):
+    pass
+
+
+def _no_constant(name: str):
+    """json's parse_constant hook: strict JSON has no NaN / Infinity (the writer never writes them)."""
+    raise _NonFinite(name)
+
+
 def read_record(path: str | os.PathLike) -> Record:
     """Read and validate a complete record: a run directory or its metrics.jsonl.
 
     Raises RecordError naming the file and the problem: missing file, a .partial (unfinished) record, a line that
-    is not JSON or does not match the schema, or lines out of order (header, steps, end)."""
+    is not JSON (NaN and Infinity included) or does not match the schema, or lines out of order (header, steps,
+    end)."""
     p = Path(path)
     if p.is_dir():
         if not (p / METRICS).exists() and (p / PARTIAL).exists():
@@ -182,9 +193,12 @@ def read_record(path: str | os.PathLike) -> Record:
         if not text.strip():
             raise RecordError(f"{p}: line {i} is empty")
         try:
-            obj = json.loads(text)
+            obj = json.loads(text, parse_constant=_no_constant)
         except json.JSONDecodeError as e:
             raise RecordError(f"{p}: line {i} is not JSON ({e.msg} at column {e.colno})") from None
+        except _NonFinite as e:
+            raise RecordError(f"{p}: line {i} holds the non-finite number {e} (records hold finite numbers or "
+                              "null)") from None
         problem = validate_line(obj)
         if problem:
             raise RecordError(f"{p}: line {i} ({obj.get('kind', '?') if isinstance(obj, dict) else '?'}): {problem}")

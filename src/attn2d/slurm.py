@@ -7,8 +7,11 @@ is imported (attn2d.config imports it, so `python -m attn2d.train` and `attn2d.c
     ${attn2d.world:R,C}                      R*C ranks
     ${attn2d.slurm_nodes:R,C,G}              nodes for R*C ranks at G GPUs (= tasks) per node
     ${attn2d.slurm_tasks_per_node:R,C,G}     tasks on each of those nodes
+    ${attn2d.job_name:EXP,ATT,R,C,N,MODEL}   the job's name: a2d:<exp>:<attention>:<R>x<C>:<N>:<model>
 
-so `hydra.launcher.gpus_per_node=8` on the command line reshapes every job.
+so `hydra.launcher.gpus_per_node=8` on the command line reshapes every job, and `squeue` names every cell.
+`job_header()` is the `job` key of a record's header: where the run ran (launcher, scheduler, job id and name,
+partition, account, nodes, requeues, the resolved launcher settings).
 
 `make_executor` configures submitit exactly as hydra-submitit-launcher 1.2.0 does (the launchers in
 src/hydra_plugins/attn2d_launcher use it for every job shape). `sbatch_script(params)` renders the batch script
@@ -17,7 +20,9 @@ tasks, GPUs and partition of every paper experiment with it.
 """
 from __future__ import annotations
 
+import os
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -58,10 +63,21 @@ def slurm_tasks_per_node(rows: int, cols: int, per_node: int) -> int:
     return min(w, int(per_node))
 
 
+_NAME_CHARS = re.compile(r"[^A-Za-z0-9_.+=-]")
+
+
+def job_name(experiment, attention, rows, cols, seq_len, model) -> str:
+    """`a2d:<exp>:<attention>:<rows>x<cols>:<seq_len>:<model>`, each part reduced to characters safe in a Slurm job
+    name (others become `_`), at most 128 characters."""
+    parts = [str(experiment), str(attention), f"{rows}x{cols}", str(seq_len), str(model)]
+    return ":".join(["a2d", *(_NAME_CHARS.sub("_", p) for p in parts)])[:128]
+
+
 RESOLVERS = {
     "attn2d.world": world,
     "attn2d.slurm_nodes": slurm_nodes,
     "attn2d.slurm_tasks_per_node": slurm_tasks_per_node,
+    "attn2d.job_name": job_name,
 }
 
 
@@ -84,6 +100,43 @@ def launcher_params(cfg: DictConfig) -> dict[str, Any]:
     return params
 
 
+def job_header() -> dict[str, Any] | None:
+    """The `job` key of a record header, for the process it runs in: {launcher, scheduler, job_id, job_name,
+    partition, account, nodelist, requeue_count, launcher_params}, null where a field does not apply (a local job
+    has no partition); None for a run no launcher started (plain python, torchrun)."""
+    launcher, params = None, None
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            hc = HydraConfig.get()
+            launcher = hc.runtime.choices.get("hydra/launcher")
+            params = OmegaConf.to_container(hc.launcher, resolve=True)
+            params.pop("_target_", None)
+    except Exception:  # noqa: BLE001 - provenance must never stop a run
+        pass
+    try:
+        import submitit
+
+        env = submitit.JobEnvironment()
+        scheduler, job_id = env.cluster, str(env.job_id)
+    except (ImportError, RuntimeError):
+        return None
+    slurm = scheduler == "slurm"
+
+    def var(name):
+        return os.environ.get(name) if slurm else None
+
+    return {
+        "launcher": launcher, "scheduler": scheduler, "job_id": job_id,
+        "job_name": var("SLURM_JOB_NAME") if slurm else (params or {}).get("name"),
+        "partition": var("SLURM_JOB_PARTITION"), "account": var("SLURM_JOB_ACCOUNT"),
+        "nodelist": var("SLURM_JOB_NODELIST"),
+        "requeue_count": int(os.environ.get("SLURM_RESTART_COUNT", 0)) if slurm else None,
+        "launcher_params": params,
+    }
+
+
 def make_executor(cluster: str, params: dict[str, Any]):
     """A submitit executor for `cluster` ("slurm" | "local") configured as hydra-submitit-launcher 1.2.0's
     `launch` configures it: max_num_timeout at construction, BaseQueueConf keys as generic submitit parameters,
@@ -93,6 +146,8 @@ def make_executor(cluster: str, params: dict[str, Any]):
     init = {f"{cluster}_{k}": v for k, v in params.items() if k in _INIT_KEYS}
     executor = submitit.AutoExecutor(folder=params["submitit_folder"], cluster=cluster, **init)
     rest = {k: v for k, v in params.items() if k not in _INIT_KEYS | {"submitit_folder"}}
+    if rest.get("additional_parameters"):  # a null extra flag (reservation: null) is no flag
+        rest["additional_parameters"] = {k: v for k, v in rest["additional_parameters"].items() if v is not None}
     executor.update_parameters(**{k if k in _BASE_KEYS else f"{cluster}_{k}": v for k, v in rest.items()})
     return executor
 
@@ -122,38 +177,76 @@ def sbatch_flags(script: str) -> dict[str, str]:
     return flags
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     """python -m attn2d.slurm [--script] EXPERIMENT [OVERRIDE ...]: the sbatch flags (or whole script) of the job
-    of every grid in the experiment's sweep, e.g. `python -m attn2d.slurm a100_speedup hydra.launcher.account=x`."""
+    of every grid in the experiment's sweep, then the jobs by shape, e.g. `python -m attn2d.slurm a100_speedup
+    hydra.launcher.account=x`. An override of a swept key (`grid=4x4`, `attention=ring,attn2d`) replaces its values;
+    exit status 1 if a grid cannot be placed on the launcher's nodes."""
     import argparse
 
     from attn2d.config import compose
+    from attn2d.report.cells import sweep_points, sweeper_params
 
     ap = argparse.ArgumentParser(prog="python -m attn2d.slurm", description=main.__doc__)
     ap.add_argument("--script", action="store_true", help="print the whole batch script")
     ap.add_argument("experiment")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
-    base = compose([f"experiment={args.experiment}", *args.overrides], return_hydra_config=True)
-    sweep = OmegaConf.to_container(base.hydra.sweeper.params or {}, resolve=False)
-    grids = str(sweep.get("grid", base.hydra.runtime.choices["grid"])).split(",")
-    for grid in (g.strip() for g in grids):
-        cfg = compose([f"experiment={args.experiment}", *args.overrides, f"grid={grid}"], return_hydra_config=True)
-        params = launcher_params(cfg)
+    swept = sweeper_params(compose([f"experiment={args.experiment}"], return_hydra_config=True))
+    key = lambda o: o.split("=", 1)[0].lstrip("+~")  # noqa: E731
+    sweep = [o for o in args.overrides if key(o) in swept]
+    fixed = [o for o in args.overrides if key(o) not in swept]
+    if "grid" not in swept:  # a fixed grid= is the only grid
+        grid_ovr = [o for o in fixed if key(o) == "grid"]
+        swept["grid"] = grid_ovr[-1].split("=", 1)[1] if grid_ovr else None
+        fixed = [o for o in fixed if key(o) != "grid"]
+    if swept["grid"] is None:
+        swept["grid"] = str(compose([f"experiment={args.experiment}", *fixed],
+                                    return_hydra_config=True).hydra.runtime.choices["grid"])
+    points = sweep_points(swept, sweep)
+    per_grid = Counter(dict(o.split("=", 1) for o in p)["grid"] for p in points)
+    shapes: Counter = Counter()
+    bad = []
+    for grid, n_cells in per_grid.items():
+        try:
+            cfg = compose([f"experiment={args.experiment}", *fixed, f"grid={grid}"], return_hydra_config=True)
+            params = launcher_params(cfg)
+        except Exception as e:  # noqa: BLE001 - a grid the launcher's nodes cannot hold, said in one line
+            msg = str(e).splitlines()[0]
+            cause = e.__cause__ or e.__context__
+            while cause is not None and isinstance(cause, Exception):
+                msg = str(cause).splitlines()[0] or msg
+                cause = cause.__cause__ or cause.__context__
+            bad.append(grid)
+            print(f"{args.experiment} grid={grid}: cannot be placed: {msg}")
+            continue
         launcher = cfg.hydra.runtime.choices["hydra/launcher"]
         if not str(cfg.hydra.launcher._target_).endswith("SlurmLauncher"):
             print(f"{args.experiment} grid={grid}: {launcher} runs {params['tasks_per_node']} local processes")
+            shapes[f"local, {params['tasks_per_node']} processes"] += n_cells
             continue
         script = sbatch_script(params)
         if args.script:
             print(f"# {args.experiment} grid={grid} ({launcher})\n{script}")
-            continue
-        keys = ("partition", "account", "nodes", "ntasks-per-node", "gpus-per-node", "cpus-per-task", "time",
-                "exclusive", "requeue", "signal")
-        flags = sbatch_flags(script)
-        shown = " ".join(f"--{k}" + (f"={flags[k]}" if flags[k] else "") for k in keys if k in flags)
-        print(f"{args.experiment} grid={grid} ({launcher}): {shown}")
+        else:
+            keys = ("partition", "account", "nodes", "ntasks-per-node", "gpus-per-node", "cpus-per-task", "time",
+                    "qos", "constraint", "reservation", "exclusive", "requeue", "signal")
+            flags = sbatch_flags(script)
+            shown = " ".join(f"--{k}" + (f"={flags[k]}" if flags[k] else "") for k in keys if k in flags)
+            if "account" not in flags:
+                shown += " account: none (cluster default)"
+            print(f"{args.experiment} grid={grid} ({launcher}, {n_cells} jobs): {shown}")
+        shapes[f"{params['nodes']} nodes x {params['tasks_per_node']} tasks x {params.get('gpus_per_node') or 0} "
+               f"GPUs, partition {params.get('partition')}"] += n_cells
+    total = sum(shapes.values())
+    print(f"jobs by shape ({total} jobs, {len(points)} cells):")
+    for shape, n in shapes.items():
+        print(f"  {shape}: {n}")
+    if bad:
+        print(f"grids that cannot be placed: {', '.join(bad)} (nothing would be submitted for them)")
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

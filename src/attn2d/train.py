@@ -35,10 +35,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from attn2d import bench, records
 from attn2d.attention import get_attention, layout
-from attn2d.config import Settings, gpt_config, validate
-from attn2d.distributed import ProcessGrid, comm, count_comm, destroy_distributed, init_distributed
+from attn2d.attention.checks import RankMismatchError, check_heads
+from attn2d.config import ConfigError, Settings, gpt_config, timeout_s_of, validate
+from attn2d.distributed import GridError, ProcessGrid, comm, count_comm, destroy_distributed, init_distributed
+from attn2d.distributed import health
+from attn2d.distributed.health import CollectiveError
 from attn2d.distributed.fsdp_counter import counting_fsdp, fsdp_counting_supported
 from attn2d.model import GPT, shard_loss_sum
+from attn2d.slurm import job_header
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 GRAD_BUCKET_BYTES = 64 * 2**20
@@ -50,8 +54,8 @@ class SequenceParallel:
 
     grid=None means one process without torch.distributed (the single-device reference)."""
 
-    def __init__(self, attention: str, causal: bool = True, grid: ProcessGrid | None = None):
-        self.impl, self.causal, self.grid = get_attention(attention), causal, grid
+    def __init__(self, attention: str, causal: bool = True, grid: ProcessGrid | None = None, heads: int | None = None):
+        self.impl, self.causal, self.grid, self.heads = get_attention(attention), causal, grid, heads
         self._pos: dict = {}
 
     @property
@@ -77,7 +81,9 @@ class SequenceParallel:
         return x.index_select(1, self.positions(x.shape[1], x.device))  # (B, N/P)
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """The model's attention callable: (B, N/P, H, D) shards in, this rank's output shard out."""
+        """The model's attention callable: (B, N/P, H, D) shards in, this rank's output shard out. With `heads`
+        (the model's n_head), q's axis order is checked first."""
+        check_heads(self.impl.name, q, self.heads)
         return self.impl.fn(q, k, v, grid=self.grid, causal=self.causal)
 
 
@@ -104,10 +110,12 @@ def fsdp_sharder(device: torch.device, dtype: str) -> Callable[..., None]:
     Gradients are reduce-scattered as a SUM (divide factor 1, sum-only collectives) because each rank's loss is
     already its share of the global mean. bf16 runs gather bf16 parameters and reduce in fp32. Blocks are
     resharded after the forward (gathered again in the backward), the root is not."""
-    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    # the world group itself (its timeout, benchmark.timeout_s): init_device_mesh makes a new group with torch's
+    # default timeout where a CUDA host runs gloo
+    mesh = DeviceMesh.from_group(dist.group.WORLD, device.type)
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if dtype == "bfloat16" else None,
                               reduce_dtype=None if dtype == "float64" else torch.float32)
 
@@ -311,7 +319,7 @@ def _fallback_header(cfg: DictConfig, world_size: int | None, dev: torch.device,
     host = socket.gethostname()
     return {"cell": _cell(cfg, world_size, [host], dev), "config": _container(cfg), "versions": versions(),
             "hosts": [host], "devices": [device_name(dev)], "git_rev": git_rev() if with_git else None,
-            "started_at": started, "launcher": launcher}
+            "started_at": started, "launcher": launcher, "job": job_header()}
 
 
 def _guess_rank() -> int:
@@ -328,12 +336,21 @@ def _guess_rank() -> int:
 
 
 # ---------------------------------------------------------------------------------------------- the run
+def _backend_failure(e: BaseException) -> bool:
+    """A torch.distributed backend error (gloo's are plain RuntimeErrors) not already a CollectiveError."""
+    if isinstance(e, CollectiveError) or not isinstance(e, RuntimeError) or not dist.is_initialized():
+        return False
+    text = str(e)
+    return isinstance(e, getattr(dist, "DistError", ())) or any(
+        s in text for s in ("gloo", "Connection reset", "Connection closed", "Timed out", "NCCL"))
+
+
 def run(cfg: DictConfig) -> dict:
     """Validate, build, warm up, time `benchmark.steps` steps and write the record (rank 0). Re-raises failures
     after writing a record with status "failed"."""
     started = records.now_iso()
     try:
-        info = init_distributed(timeout_s=float(OmegaConf.select(cfg, "benchmark.timeout_s", default=300.0)),
+        info = init_distributed(timeout_s=timeout_s_of(cfg),
                                 device=str(OmegaConf.select(cfg, "benchmark.device", default="auto")))
     except BaseException as e:  # no process group: the rank that is probably 0 records the failure
         if _guess_rank() == 0:
@@ -350,7 +367,7 @@ def run(cfg: DictConfig) -> dict:
         s = validate(cfg, world_size=info.world_size)
         b = s.benchmark
         grid = ProcessGrid(s.grid.rows, s.grid.cols)
-        sp = SequenceParallel(s.attention.name, s.attention.causal, grid)
+        sp = SequenceParallel(s.attention.name, s.attention.causal, grid, heads=s.model.n_head)
         model = build_model(s, sp, dev)
         if not b.fsdp:  # seeded per-parameter init; check it anyway where it is cheap
             checksums = _gather(float(sum(p.detach().sum(dtype=torch.float64) for p in model.parameters())))
@@ -404,6 +421,10 @@ def run(cfg: DictConfig) -> dict:
         writer.end("ok")
         return {"run_dir": str(cfg.run_dir), "status": "ok", "mean_step_time_s": sum(times) / len(times)}
     except BaseException as e:
+        if _backend_failure(e):  # a collective outside comm (FSDP's, the bookkeeping gathers): name group and rank
+            err = health.collective_error("a collective of the training run (FSDP or bookkeeping)", None, e)
+            writer.end("failed", f"{type(err).__name__}: {err}"[:4000])
+            raise err from e
         writer.end("failed", f"{type(e).__name__}: {e}"[:4000])
         raise
     finally:
@@ -412,9 +433,53 @@ def run(cfg: DictConfig) -> dict:
         destroy_distributed()
 
 
+# errors whose message says all there is to say: reported as one line, without a traceback
+EXPECTED_ERRORS = (ConfigError, GridError, CollectiveError, RankMismatchError)
+# errors every rank raises alike (from the same config, or after comparing notes): rank 0 reports them alone
+SAME_ON_EVERY_RANK = (ConfigError, GridError, RankMismatchError)
+
+
+def _under_submitit() -> bool:
+    try:
+        import submitit
+
+        submitit.JobEnvironment()
+        return True
+    except (ImportError, RuntimeError):
+        return False
+
+
+def report_failure(e: BaseException, rank: int) -> bool:
+    """Print a failed run's error once per run: rank 0 reports (one line for EXPECTED_ERRORS, else the
+    traceback). The other ranks stay quiet for SAME_ON_EVERY_RANK and for a CollectiveError (rank 0 has its own),
+    unless it says rank 0 may be the one that died; an error of their own (a bug, out of memory) they report,
+    since the others only see them stop answering. Returns whether this rank printed."""
+    import traceback
+
+    if rank != 0:
+        if isinstance(e, SAME_ON_EVERY_RANK):
+            return False
+        if isinstance(e, CollectiveError) and e.silent is not None and 0 not in e.silent:
+            return False
+    if isinstance(e, EXPECTED_ERRORS):
+        print(f"{type(e).__name__}: {e}", file=sys.stderr)  # the form workflow/scripts/run_cell.py reads
+    else:
+        print(f"rank {rank}:", file=sys.stderr)
+        traceback.print_exception(e, file=sys.stderr)
+    return True
+
+
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="config")
 def main(cfg: DictConfig) -> dict:
-    return run(cfg)
+    """Under torchrun and plain python, a failure is reported once (report_failure) and every rank exits with
+    status 1; under submitit it is re-raised (submitit returns it to the launcher)."""
+    try:
+        return run(cfg)
+    except Exception as e:  # noqa: BLE001 - reported, then the exit status says it failed
+        if _under_submitit():
+            raise
+        report_failure(e, _guess_rank())
+        sys.exit(1)
 
 
 if __name__ == "__main__":

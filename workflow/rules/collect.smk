@@ -16,8 +16,8 @@ rule table:
     params:
         title=lambda wc: f"{wc.experiment}: {get_meta(wc.experiment).reproduces}",
     shell:
-        "{PYTHON} -m attn2d.report.collect --experiment {wildcards.experiment} --title {params.title:q}"
-        " --csv {output.csv} --md {output.md} {input} > {log} 2>&1"
+        "{PYTHON:q} -m attn2d.report.collect --experiment {wildcards.experiment:q} --title {params.title:q}"
+        " --csv {output.csv:q} --md {output.md:q} {input:q} > {log:q} 2>&1"
 
 
 rule cells_table:
@@ -28,7 +28,6 @@ rule cells_table:
     params:
         rows=lambda wc: cells_mod.cells_rows(PLAN.experiments.get(wc.experiment)
                                              or MODEL_ONLY.experiments[wc.experiment]),
-    run:
-        import pandas as pd
-
-        pd.DataFrame(params.rows).to_csv(output[0], index=False)
+    # a script, not `run:`: Snakemake starts a run: job through a shell line holding the --config values
+    script:
+        "../scripts/cells_table.py"

@@ -6,7 +6,9 @@ import shlex
 import sys
 from pathlib import Path
 
+from attn2d import records as records_mod
 from attn2d.report import cells as cells_mod
+from attn2d.report import status as status_mod
 
 def flag(key: str) -> bool:
     """A boolean config key (`--config key=false` gives the string "false")."""
@@ -30,14 +32,74 @@ def selected_experiments() -> list[str]:
 # experiment wildcards match experiment names only (results/tables/<other>.csv belong to other rules)
 EXPERIMENT_WC = "|".join(re.escape(e) for e in cells_mod.experiment_names(CONF_DIR))
 
-PLAN = cells_mod.plan(
-    selected_experiments(),
-    conf_dir=CONF_DIR,
-    launcher=config["launcher"],
-    sweep=config.get("sweep") or None,
-    overrides=" ".join(filter(None, [config.get("overrides", ""), config.get("launcher_overrides", "")])),
-)
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def dry_run() -> bool:
+    """Whether this is a dry run (-n). The Snakefile is read before Snakemake sets its executor, so the command
+    line is read too."""
+    if getattr(workflow, "dryrun", False):
+        return True
+    return any(a in ("-n", "--dry-run", "--dryrun", "--just-print")
+               or (a.startswith("-") and not a.startswith("--") and a[1:].isalpha() and "n" in a) for a in sys.argv[1:])
+
+
+# The plan, checked before anything runs: one error listing every problem (attn2d.report.checks).
+try:
+    PLAN = cells_mod.plan(
+        selected_experiments(),
+        conf_dir=CONF_DIR,
+        launcher=config["launcher"],
+        sweep=config.get("sweep") or None,
+        overrides=" ".join(filter(None, [config.get("overrides", ""), config.get("launcher_overrides", "")])),
+        check_cluster=flag("cluster_checks"),
+    )
+except cells_mod.PlanError as e:
+    say(f"attn2d: {e}")
+    sys.exit(1)
+for note in PLAN.notes:
+    say(f"attn2d: {note}")
 JOBS = PLAN.jobs  # run dir -> Cell: one Snakemake job each
+
+
+def check_records() -> None:
+    """Before the DAG: a corrupt record (unreadable, non-finite numbers, ...) is moved aside to <run dir>/corrupt/
+    and its cell re-run; a record made with other launcher settings than the plan's is reported (and, with
+    rerun_changed_launcher=true, moved aside to <run dir>/superseded/ and its cell re-run). A dry run only says."""
+    changed = []
+    for cell in JOBS.values():
+        path = Path(cell.record)
+        if not path.exists():
+            continue
+        try:
+            rec = records_mod.read_record(path)
+        except records_mod.RecordError as e:
+            if dry_run():
+                say(f"attn2d: corrupt record ({e}); a real run moves it to {cell.run_dir}/corrupt/ and re-runs the cell")
+            else:
+                kept = status_mod.set_aside(path, "corrupt")
+                say(f"attn2d: corrupt record ({e}); moved to {kept} (kept) and the cell is run again")
+            continue
+        diff = status_mod.launcher_changes(rec.header, cell.resources.params)
+        if diff:
+            changed.append((cell, diff))
+    if not changed:
+        return
+    rerun = flag("rerun_changed_launcher")
+    for cell, diff in changed:
+        if rerun and not dry_run():
+            kept = status_mod.set_aside(Path(cell.record), "superseded")
+            say(f"attn2d: {cell.run_dir}: launcher settings changed ({'; '.join(diff)}); record moved to {kept}, "
+                "the cell is run again")
+        else:
+            say(f"attn2d: {cell.run_dir}: launcher settings changed since its record ({'; '.join(diff)})")
+    if not rerun:
+        say(f"attn2d: {len(changed)} cell(s) were run with other launcher settings than the plan's; their records are "
+            "kept. Re-run them with --config rerun_changed_launcher=true")
+
+
+check_records()
 
 # Paper experiments not run here are still drawn from the cost model's projection ("modelled" figures).
 HAVE_MODEL = Path(workflow.basedir, "workflow", "rules", "model.smk").exists() and flag("modelled")
@@ -70,11 +132,11 @@ def get_failed_attempts(wildcards) -> int:
 
 
 def record_status(path: Path) -> str | None:
-    """The status on a record's end line ("ok" / "failed"), None when there is no complete record."""
+    """The status of a record ("ok" / "failed"), None when there is no valid record (check_records has moved a
+    corrupt one aside)."""
     try:
-        last = path.read_text().rstrip("\n").rsplit("\n", 1)[-1]
-        return json.loads(last).get("status")
-    except (OSError, ValueError):
+        return records_mod.read_record(path).status
+    except records_mod.RecordError:
         return None
 
 

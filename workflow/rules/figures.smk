@@ -43,9 +43,9 @@ rule figure:
         model_args=lambda wc, input: get_model_args(wc, input),
         reported=get_reported_args,
     shell:
-        "{PYTHON} -m attn2d.report.figures {wildcards.kind}"
-        " --out results/figures/{wildcards.experiment}/{wildcards.kind}"
-        " --measured {input.table} {params.model_args} {params.reported} > {log} 2>&1"
+        "{PYTHON:q} -m attn2d.report.figures {wildcards.kind:q}"
+        " --out results/figures/{wildcards.experiment:q}/{wildcards.kind:q}"
+        " --measured {input.table:q} {params.model_args} {params.reported} > {log:q} 2>&1"
 
 
 rule figure_modelled:
@@ -66,7 +66,7 @@ rule figure_modelled:
         hardware=lambda wc: get_meta(wc.experiment).hardware,
         reported=get_reported_args,
     shell:
-        "{PYTHON} -m attn2d.report.figures {wildcards.kind}"
-        " --out results/figures/{wildcards.experiment}/{wildcards.kind}_modelled"
-        " --cells {input.cells} --modelled {input.projection} --hardware {params.hardware} {params.reported}"
-        " > {log} 2>&1"
+        "{PYTHON:q} -m attn2d.report.figures {wildcards.kind:q}"
+        " --out results/figures/{wildcards.experiment:q}/{wildcards.kind:q}_modelled"
+        " --cells {input.cells:q} --modelled {input.projection:q} --hardware {params.hardware:q} {params.reported}"
+        " > {log:q} 2>&1"

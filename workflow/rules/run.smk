@@ -9,9 +9,13 @@
 # retry_failed=false it is computed as the value the failed run had, so failed cells stay as they are. A failed
 # cell thus always has a record (status failed, its reason) and appears in the tables as failed.
 # Where the job runs (launcher, partition, account, nodes, time limit) are resources, not params: changing them
-# does not re-run cells that have a record, and the dry run (-n) prints them for every cell.
+# does not re-run cells that have a record; the next snakemake names such cells (common.smk check_records) and
+# rerun_changed_launcher=true re-runs them. The dry run (-n) prints them for every cell and counts jobs by shape.
+# A corrupt record is moved to <run dir>/corrupt/ before the DAG is built, so its cell runs again.
 # Pre-emption: the launchers are checkpointable, so submitit requeues a pre-empted Slurm job and this job keeps
-# waiting; an interrupted Snakemake leaves the cell incomplete and `rerun-incomplete` runs it again.
+# waiting. Interrupts (Ctrl-C, SIGTERM, SIGHUP) reach run_cell.py, which stops the cell's processes and cancels its
+# Slurm job, or with ATTN2D_DETACH=1 leaves the job running; the next run re-attaches to a job still pending or
+# running (its id is in <run dir>/job.json) instead of submitting a second one. See README "Interrupts".
 
 
 rule cell:
@@ -27,6 +31,7 @@ rule cell:
         info=lambda wc: json.dumps(PLAN.job_info(get_cell(wc))),
         run_dir=lambda wc: get_cell(wc).run_dir,
         failed_attempts=get_failed_attempts,
+        timeout_min=config["cell_timeout_min"],
     threads: lambda wc: get_cell(wc).resources.ranks if get_cell(wc).resources.local else 1
     resources:
         launcher=lambda wc: get_cell(wc).resources.launcher,
@@ -35,11 +40,12 @@ rule cell:
         gpus_per_node=lambda wc: get_cell(wc).resources.gpus_per_node,
         gpus=lambda wc: get_cell(wc).resources.gpus,
         partition=lambda wc: get_cell(wc).resources.partition or "none",
-        account=lambda wc: get_cell(wc).resources.account or "default",
+        account=lambda wc: get_cell(wc).resources.account or "none (cluster default)",
         runtime=lambda wc: get_cell(wc).resources.timeout_min,
         launcher_args=lambda wc: shlex.join(PLAN.launcher_overrides),
+    # every placeholder is shell-quoted (:q); params.command is already a shlex-quoted argument list
     shell:
-        "{PYTHON} workflow/scripts/run_cell.py --run-dir {params.run_dir} --info {params.info:q}"
-        " --nodes {resources.nodes} --gpus-per-node {resources.gpus_per_node}"
-        " --launcher {resources.launcher} --launcher-args={resources.launcher_args:q}"
-        " --timeout-min {config[cell_timeout_min]} -- {params.command} > {log} 2>&1"
+        "{PYTHON:q} workflow/scripts/run_cell.py --run-dir {params.run_dir:q} --info {params.info:q}"
+        " --nodes {resources.nodes:q} --gpus-per-node {resources.gpus_per_node:q}"
+        " --launcher {resources.launcher:q} --launcher-args={resources.launcher_args:q}"
+        " --timeout-min {params.timeout_min:q} -- {params.command} > {log:q} 2>&1"

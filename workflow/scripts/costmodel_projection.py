@@ -48,6 +48,19 @@ def experiment_cells(experiments, conf_dir: Path) -> list[dict]:
     return out
 
 
+def _workload(c: dict) -> Workload:
+    dtype = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16", "float64": "fp64"}.get(c["dtype"], c["dtype"])
+    return Workload(seq_len=int(c["seq_len"]), batch_size=int(c["batch_size"]), dtype=dtype, causal=c["causal"],
+                    fsdp=c["fsdp"], activation_checkpointing=c["activation_checkpointing"])
+
+
+def baseline_times(shape, wl: Workload, P: int, hw) -> dict:
+    """{baseline: step time} of every Ring variant the paper may have run (attn2d.costmodel_inverse.BASELINES)."""
+    from attn2d.costmodel_inverse import BASELINES
+
+    return {b: step_time(alg, shape, wl, P, 1, hw, overlap=ov).step_time_s for b, (alg, ov) in BASELINES.items()}
+
+
 def project(cells: list[dict]) -> pd.DataFrame:
     rows = []
     hws, models = {}, {}
@@ -55,9 +68,7 @@ def project(cells: list[dict]) -> pd.DataFrame:
         hw = hws.setdefault((c["hardware"], c["gpus_per_node"]),
                             load_hardware(c["hardware"], gpus_per_node=int(c["gpus_per_node"]) or None))
         m = models.setdefault(c["model"], load_model(c["model"]))
-        dtype = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16", "float64": "fp64"}.get(c["dtype"], c["dtype"])
-        wl = Workload(seq_len=int(c["seq_len"]), batch_size=int(c["batch_size"]), dtype=dtype, causal=c["causal"],
-                      fsdp=c["fsdp"], activation_checkpointing=c["activation_checkpointing"])
+        wl = _workload(c)
         rows_, cols_ = int(c["rows"]), int(c["cols"])
         st = step_time(c["attention"], m, wl, rows_, cols_, hw)
         r, k = (ring_grid(rows_ * cols_) if c["attention"].startswith("ring") else (rows_, cols_))
@@ -72,13 +83,79 @@ def project(cells: list[dict]) -> pd.DataFrame:
             "activation_checkpointing": wl.activation_checkpointing,
             **{k2: v for k2, v in st.as_dict().items() if k2.endswith("_s") and k2 != "step_time_s"},
             "attn_comm_bytes_sent": attn_bytes, "source": "modelled",
+            **{f"vs_{b}_s": t for b, t in baseline_times(m, wl, rows_ * cols_, hw).items()},
+            **{(f"term_{k}" if k.endswith("_s") else f"term_{k.replace('.', '_')}_s"): v
+               for k, v in st.breakdown().items()},
         })
     df = pd.DataFrame(rows)
     ring = df[df.algorithm == "ring"].set_index(["hardware", "model", "gpus", "seq_len"])["step_time_s"]
     keys = pd.MultiIndex.from_frame(df[["hardware", "model", "gpus", "seq_len"]])
     df["speedup_vs_ring"] = ring.reindex(keys).to_numpy() / df.step_time_s.to_numpy()
+    # against each Ring variant (the paper's baseline is NOT FOUND); vs_ring_s equals the ring cell's own time
+    for b in ("ring_nooverlap", "ring_contiguous", "ring_contiguous_nooverlap"):
+        df[f"speedup_vs_{b}"] = df[f"vs_{b}_s"] / df.step_time_s
+    df = df.drop(columns=[c for c in df.columns if c.startswith("vs_")])
+    # per-term columns: exposed communication of an op is 0 where the algorithm has no such op
+    terms = [c for c in df.columns if c.startswith("term_")]
+    df[terms] = df[terms].fillna(0.0)
     order = COLUMNS + [c for c in df.columns if c not in COLUMNS]
     return df[order].sort_values(["hardware", "model", "gpus", "seq_len", "algorithm"]).reset_index(drop=True)
+
+
+def reported(experiments, conf_dir: Path) -> list[dict]:
+    """What the paper states per experiment (its `experiment.reported`), with the experiment's hardware."""
+    from attn2d.report.cells import compose
+
+    out = []
+    for exp in experiments:
+        base = compose(conf_dir, exp)
+        hw = base.hardware.get("name") if "hardware" in base and base.hardware else None
+        for rep in (base.experiment.get("reported") or []):
+            if all(r["what"] != rep["what"] for r in out):
+                out.append({**dict(rep), "hardware": hw})
+    return out
+
+
+def band(df: pd.DataFrame, inverse: pd.DataFrame) -> pd.DataFrame:
+    """Add the speedup band over the region consistent with the paper's stated maxima (paper_inverse.csv, from
+    workflow/scripts/costmodel_inverse.py): speedup_band_min / _max (over the region's samples, each against its
+    own baseline variant) and speedup_plausible (the most plausible point), all modelled."""
+    from dataclasses import replace as dc_replace
+
+    import yaml
+
+    from attn2d import costmodel_inverse as inv
+
+    samples = inv.region_samples(inverse)
+    spec = {}
+    for hw_name in sorted(df.hardware.unique()):
+        d = yaml.safe_load((repo_root() / "conf" / "hardware" / f"{hw_name}.yaml").read_text())
+        spec[hw_name] = tuple(float(x) for x in d["network"]["inter"]["public_nic_GBps"])
+    point = inv.plausible_point(inverse, spec)
+    models, bases = {}, {}
+    lo, hi, best = [], [], []
+    for r in df.itertuples():
+        if r.algorithm.startswith("ring") or r.hardware not in samples:
+            lo.append(None), hi.append(None), best.append(None)
+            continue
+        m = models.setdefault(r.model, load_model(r.model))
+        gpn = max(1, int(r.gpus) // max(1, int(r.nodes)))
+        base = bases.setdefault((r.hardware, gpn), load_hardware(r.hardware, gpus_per_node=gpn))
+        rows_, cols_ = (int(x) for x in r.grid.split("x"))
+        cell = inv.Cell(m, int(r.seq_len), rows_, cols_, (r.algorithm,), int(r.batch_size),
+                        {"bfloat16": "bf16", "float32": "fp32"}.get(r.dtype, r.dtype))
+
+        def speedup(sc, nic):
+            return inv.cell_speedups(inv.profile(base, sc, nic), sc, cell)[r.algorithm]
+
+        vals = [speedup(sc, nic) for sc, nic in samples[r.hardware]]
+        lo.append(min(vals)), hi.append(max(vals))
+        best.append(speedup(*point[r.hardware]) if r.hardware in point else None)
+    df = df.copy()
+    df["speedup_band_min"], df["speedup_band_max"], df["speedup_plausible"] = lo, hi, best
+    df["band_source"] = ("modelled: region reproducing the stated maxima (results/tables/costmodel/"
+                         "paper_inverse.csv); plausible = its point nearest public NIC specs")
+    return df
 
 
 def draw(df: pd.DataFrame, out_dir: Path) -> list[Path]:
@@ -144,9 +221,13 @@ def main(argv=None) -> None:
     ap.add_argument("--conf", default=None, help="config directory (default: the repository's conf/)")
     ap.add_argument("--sensitivity", default=None,
                     help="also write the speedup's sensitivity to inter-node bandwidth and kernel rate (CSV)")
+    ap.add_argument("--inverse", default=None, help="paper_inverse.csv (costmodel_inverse.py): add the band columns")
+    ap.add_argument("--band-figures", default=None, help="directory for the band and breakdown figures (modelled)")
     a = ap.parse_args(argv)
     conf = Path(a.conf) if a.conf else repo_root() / "conf"
     df = project(experiment_cells(a.experiments, conf))
+    if a.inverse:
+        df = band(df, pd.read_csv(a.inverse))
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(out, index=False)
@@ -161,6 +242,19 @@ def main(argv=None) -> None:
         print(f"wrote {a.sensitivity} ({len(sens)} rows)")
     if a.figures:
         for p in draw(df, Path(a.figures)):
+            print(f"wrote {p}")
+    if a.band_figures:
+        from attn2d.report import figures as F
+
+        out_dir = Path(a.band_figures)
+        paths = []
+        if "speedup_band_min" in df:
+            paths += F.speedup_band_figure(df, out_dir / "paper_band_speedup",
+                                           reported=reported(a.experiments, conf))
+        cells = df[(df.hardware == "a100_4gpn") & (df.model == "gpt3_2p7b") & df.seq_len.isin([32768, 131072])
+                   & df.algorithm.isin(["ring", "attn2d"])]
+        paths += F.breakdown_figure(cells, out_dir / "breakdown_a100_2p7b")
+        for p in paths:
             print(f"wrote {p}")
 
 

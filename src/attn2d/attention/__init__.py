@@ -5,6 +5,8 @@ Every registered implementation has one calling convention:
 with q, k, v, out this rank's shard (B, N/P, H, D) in the layout `impl.layout` (see layout.py), and
 `grid` an attn2d.distributed.ProcessGrid (ring and local only use grid.group / its size).
 `impl.comm_volume(...)` gives the analytic per-rank communication (see each algorithm's module).
+The distributed entries also take `heads=` and check layout tags, axis order and cross-rank agreement
+(attention/checks.py).
 """
 from __future__ import annotations
 

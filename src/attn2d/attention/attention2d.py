@@ -71,6 +71,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from attn2d.attention import AttentionImpl, kernels, merge, register
+from attn2d.attention.checks import check_call
 from attn2d.attention.common import (check_grid_shards, grid_rank, kv_moves, kv_recv_peer, kv_send_peer,
                                      permute_kv, wire_bytes)
 from attn2d.attention.layout import Span
@@ -235,11 +236,14 @@ class Attention2DFunction(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------------------------- public entry
-def attention2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: ProcessGrid, causal: bool = True) -> torch.Tensor:
+def attention2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: ProcessGrid, causal: bool = True,
+                heads: int | None = None) -> torch.Tensor:
     """Attention2D-NO (Algorithms 1, 2, 7). q, k, v: this rank's cyclic shard (B, N/P, H, D) -> out, same shape.
 
-    The global sequence length is N = P * (N/P); every rank must pass the same shape. Differentiable."""
+    The global sequence length is N = P * (N/P); every rank must pass the same shape. Differentiable.
+    heads: q's head count, if known (checks the axis order); see attention/checks.py for every check."""
     check_grid_shards("attention2d", q, k, v, grid)
+    check_call("attention2d", q, k, v, "cyclic", grid, causal, heads)
     return Attention2DFunction.apply(q, k, v, grid, bool(causal))
 
 

@@ -71,6 +71,7 @@ from torch.autograd.function import once_differentiable
 
 from attn2d.attention import AttentionImpl, register
 from attn2d.attention import kernels
+from attn2d.attention.checks import check_call
 from attn2d.attention.common import acc_dtype, check_grid_shards, grid_rank, kv_moves, permute_kv, recv_like, wire_bytes
 from attn2d.attention.layout import Span
 from attn2d.attention.merge import merge_into, merge_partials
@@ -297,11 +298,12 @@ class Attention2DOverlap(torch.autograd.Function):
         return dq.to(q_p.dtype), dk.to(q_p.dtype), dv.to(q_p.dtype), None, None
 
 
-def attention2d_overlap(q, k, v, grid: ProcessGrid, causal: bool = True):
+def attention2d_overlap(q, k, v, grid: ProcessGrid, causal: bool = True, heads: int | None = None):
     """Attention2D-O (Algorithm 4, Sec. 3.4): this rank's cyclic shard q, k, v (B, N/P, H, D) -> out, same shape.
 
     Same API, layout and checks as attention2d (Attention2D-NO); differentiable (backward: module docstring)."""
     check_grid_shards("attention2d_overlap", q, k, v, grid)
+    check_call("attention2d_overlap", q, k, v, "cyclic", grid, causal, heads)
     return Attention2DOverlap.apply(q, k, v, grid, bool(causal))
 
 

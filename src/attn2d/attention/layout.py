@@ -10,6 +10,13 @@ Layouts (P ranks, sequence length N, every rank holds N/P tokens in increasing p
 
 Positions are described by `Span`s (arithmetic progressions: start, step, n) so kernels can recognise causal
 structure without looking at tensors; `positions()` turns them into a LongTensor.
+
+`shard()` tags the tensor it returns with a `ShardInfo` (layout, grid, rank, seq_len, dim), a plain Python attribute
+(`shard_info(x)` reads it). The distributed attentions and `unshard` check it when present and name the layout given
+and the one needed. The tag lives on that tensor object: in-place methods and no-op conversions keep it
+(`requires_grad_()`, `.contiguous()` / `.to()` of a tensor that already is so), anything that makes a new tensor
+drops it (arithmetic, `.to(other dtype)`, `.clone()`, `.detach()`, views such as `.transpose()`); an untagged
+tensor is checked only by shape and, across ranks, by the attentions' descriptor check (attention/checks.py).
 """
 from __future__ import annotations
 
@@ -42,6 +49,27 @@ class Span:
 
 Spans = tuple[Span, ...]
 GridOrGroup = Union[ProcessGrid, dist.ProcessGroup, None]
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """How `shard()` made a tensor: its layout, the grid (rows x cols; a plain group is P x 1), this rank's grid
+    rank, the full sequence length and the sequence dim."""
+
+    layout: str
+    rows: int
+    cols: int
+    rank: int
+    seq_len: int
+    dim: int
+
+
+_TAG = "_attn2d_shard"
+
+
+def shard_info(x: torch.Tensor) -> ShardInfo | None:
+    """The ShardInfo `shard()` put on x, or None (not made by shard(), or a new tensor since)."""
+    return getattr(x, _TAG, None)
 
 
 def grid_shape(grid_or_group: GridOrGroup) -> tuple[int, int, int]:
@@ -84,14 +112,21 @@ def positions(layout: str, seq_len: int, grid_or_group: GridOrGroup = None, devi
 
 
 def shard(x: torch.Tensor, grid_or_group: GridOrGroup, layout: str, dim: int = 1) -> torch.Tensor:
-    """This rank's shard of the full tensor `x` (sequence along `dim`)."""
-    pos = positions(layout, x.shape[dim], grid_or_group, x.device)
-    return x.index_select(dim, pos).contiguous()
+    """This rank's shard of the full tensor `x` (sequence along `dim`), tagged with its ShardInfo."""
+    rank, rows, cols = grid_shape(grid_or_group)
+    pos = spans_tensor(layout_spans(layout, x.shape[dim], rank, rows, cols), x.device)
+    out = x.index_select(dim, pos).contiguous()
+    setattr(out, _TAG, ShardInfo(layout, rows, cols, rank, x.shape[dim], dim % x.dim()))
+    return out
 
 
 def unshard(x_local: torch.Tensor, grid_or_group: GridOrGroup, layout: str, dim: int = 1) -> torch.Tensor:
     """Gather every rank's shard and put the tokens back in sequence order (not counted: a utility, not
     part of any algorithm). Differentiable only through this rank's own shard."""
+    info = shard_info(x_local)
+    if info is not None and info.layout != layout:
+        raise ValueError(f"unshard: the tensor is a {info.layout!r} shard (made by attn2d.attention.shard), but "
+                         f"layout={layout!r} was given; pass layout={info.layout!r}")
     rank, rows, cols = grid_shape(grid_or_group)
     world = rows * cols
     if layout == "full" or world == 1:

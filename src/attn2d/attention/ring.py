@@ -49,6 +49,7 @@ import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from attn2d.attention import AttentionImpl, kernels, register
+from attn2d.attention.checks import check_call
 from attn2d.attention.common import acc_dtype, check_qkv, check_shapes, wire_bytes
 from attn2d.attention.layout import Spans, layout_spans
 from attn2d.distributed import comm
@@ -221,13 +222,15 @@ def _validate(q, k, v, ring: Ring, layout: str) -> None:
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup | None = None,
-                   causal: bool = True, layout: str = "zigzag") -> torch.Tensor:
+                   causal: bool = True, layout: str = "zigzag", heads: int | None = None) -> torch.Tensor:
     """Ring Attention (Sec. 2 baseline). q, k, v: this rank's shard (B, N/P, H, D) in `layout` ("zigzag" or
     "contiguous") over `group` (None: the world) -> out, same shape and dtype. Differentiable.
 
-    Every rank of the group must call it with the same shape; N = P * (N/P)."""
+    Every rank of the group must call it with the same shape; N = P * (N/P). heads: q's head count, if known
+    (checks the axis order); see attention/checks.py for every check."""
     ring = Ring.of(group)
     _validate(q, k, v, ring, layout)
+    check_call("ring_attention", q, k, v, layout, group, causal, heads)
     return RingAttentionFunction.apply(q, k, v, ring, bool(causal), layout)
 
 

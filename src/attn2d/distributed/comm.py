@@ -10,6 +10,8 @@ Counting convention (per rank, what the analytic formulas in the algorithm modul
 Groups of one rank move nothing and count nothing. Sends to self are local copies and count nothing.
 
 All buffers handed to torch.distributed are made contiguous here (gloo silently corrupts memory otherwise).
+A collective that fails or times out raises health.CollectiveError naming the op, the group, its ranks and the
+rank that stopped answering (see attn2d.distributed.health).
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ from typing import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
+
+from attn2d.distributed import health
 
 
 @dataclass
@@ -71,6 +75,32 @@ def _record(op: str, sent: int, received: int, messages: int) -> None:
         stats.add(op, sent, received, messages)
 
 
+@contextlib.contextmanager
+def guarded(op: str, group: dist.ProcessGroup | None) -> Iterator[None]:
+    """Re-raise a backend failure (timeout, reset connection) of collective `op` on `group` as a CollectiveError."""
+    try:
+        yield
+    except health.CollectiveError:
+        raise
+    except RuntimeError as e:  # DistBackendError, DistNetworkError, gloo's and NCCL's RuntimeErrors
+        raise health.collective_error(op, group, e) from e
+
+
+def gather_ints(values: Sequence[int], group: dist.ProcessGroup | None, op: str = "descriptor") -> list[list[int]]:
+    """Every rank's list of ints (the same length on every rank), in group-rank order. Not counted: a check, not
+    part of any algorithm. On the group's device (NCCL needs CUDA tensors)."""
+    g = group_size(group)
+    if g == 1:
+        return [list(values)]
+    backend = str(dist.get_backend(group))
+    dev = torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend and "gloo" not in backend else "cpu"
+    x = torch.tensor(list(values), dtype=torch.int64, device=dev)
+    out = torch.empty(g * x.numel(), dtype=torch.int64, device=dev)
+    with guarded(op, group):
+        _ALL_GATHER(out, x, group=group)
+    return out.view(g, -1).tolist()
+
+
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -105,7 +135,8 @@ def all_gather(x: torch.Tensor, group: dist.ProcessGroup | None, dim: int = 0, o
         return x
     x = x.contiguous()
     out = torch.empty(g * x.numel(), dtype=x.dtype, device=x.device)  # (g * numel,)
-    _ALL_GATHER(out, x.reshape(-1), group=group)
+    with guarded(op, group):
+        _ALL_GATHER(out, x.reshape(-1), group=group)
     out = out.view(g, *x.shape)  # (g, *x.shape)
     _record(op, (g - 1) * _nbytes(x), (g - 1) * _nbytes(x), g - 1)
     return torch.cat(out.unbind(0), dim=dim)  # x.shape with dim scaled by g
@@ -120,7 +151,8 @@ def reduce_scatter(blocks: Sequence[torch.Tensor], group: dist.ProcessGroup | No
         return blocks[0].clone()
     inp = torch.stack([b.contiguous() for b in blocks]).reshape(-1)  # (g * numel,)
     out = torch.empty_like(blocks[0], memory_format=torch.contiguous_format)
-    _REDUCE_SCATTER(out.view(-1), inp, group=group)
+    with guarded(op, group):
+        _REDUCE_SCATTER(out.view(-1), inp, group=group)
     _record(op, (g - 1) * _nbytes(out), (g - 1) * _nbytes(out), g - 1)
     return out
 
@@ -136,7 +168,8 @@ def all_to_all(blocks: Sequence[torch.Tensor], group: dist.ProcessGroup | None, 
         return [blocks[0]]
     inp = torch.stack([b.contiguous() for b in blocks])  # (g, *block)
     out = torch.empty_like(inp)
-    dist.all_to_all_single(out, inp, group=group)
+    with guarded(op, group):
+        dist.all_to_all_single(out, inp, group=group)
     b = _nbytes(blocks[0])
     _record(op, (g - 1) * b, (g - 1) * b, g - 1 if b else 0)
     return list(out.unbind(0))
@@ -146,12 +179,13 @@ def all_to_all(blocks: Sequence[torch.Tensor], group: dist.ProcessGroup | None, 
 class P2PHandle:
     """The pending receives of a batch of point-to-point ops; `wait()` returns the received tensors."""
 
-    def __init__(self, works: list, received: list[torch.Tensor]):
-        self._works, self.received = works, received
+    def __init__(self, works: list, received: list[torch.Tensor], op: str = "send_recv", group=None):
+        self._works, self.received, self._op, self._group = works, received, op, group
 
     def wait(self) -> list[torch.Tensor]:
-        for w in self._works:
-            w.wait()
+        with guarded(self._op, self._group):
+            for w in self._works:
+                w.wait()
         self._works = []
         return self.received
 
@@ -187,9 +221,10 @@ def send_recv(
                 raise ValueError("send_recv: receive buffers must be contiguous")
             ops.append(dist.P2POp(dist.irecv, b, src, group=group))
             recv_bytes += _nbytes(b)
-    works = dist.batch_isend_irecv(ops) if ops else []
+    with guarded(op, group):
+        works = dist.batch_isend_irecv(ops) if ops else []
     _record(op, sent_bytes, recv_bytes, messages)
-    handle = P2PHandle(works, received)
+    handle = P2PHandle(works, received, op, group)
     return handle if async_op else handle.wait()
 
 
@@ -234,7 +269,8 @@ def all_reduce(x: torch.Tensor, group: dist.ProcessGroup | None, op: str = "all_
         return x
     if not x.is_contiguous():
         raise ValueError("all_reduce: the tensor must be contiguous (it is reduced in place)")
-    dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
+    with guarded(op, group):
+        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
     volume = 2 * (g - 1) * _nbytes(x) // g
     _record(op, volume, volume, 2 * (g - 1))
     return x

@@ -5,7 +5,6 @@ ends the job with an error instead of a hang.
 """
 from __future__ import annotations
 
-import datetime
 import os
 import tempfile
 from dataclasses import dataclass
@@ -13,6 +12,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from attn2d.distributed.grid import check_timeout
+from attn2d.distributed.health import stop_heartbeat
 
 DEFAULT_TIMEOUT_S = 300.0
 
@@ -53,6 +55,7 @@ def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIME
     """Initialise (once) the default process group and pick this rank's device.
 
     device: "auto" (cuda:local_rank if CUDA is available, else cpu), "cpu" or "cuda"."""
+    timeout = check_timeout(timeout_s)
     launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else "plain"
     init_method = _submitit_env() if "RANK" not in os.environ else None
     if init_method:
@@ -66,7 +69,6 @@ def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIME
     if use_cuda:
         torch.cuda.set_device(dev)  # before the first collective (NCCL picks the device from it)
     if not dist.is_initialized():
-        timeout = datetime.timedelta(seconds=timeout_s)
         if init_method and init_method.startswith("file://"):
             dist.init_process_group(backend, init_method=init_method, rank=int(os.environ["RANK"]),
                                     world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
@@ -79,5 +81,6 @@ def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIME
 
 
 def destroy_distributed() -> None:
+    stop_heartbeat()
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -18,6 +18,7 @@ dry run shows what the Slurm job will ask for.
 """
 from __future__ import annotations
 
+import copy
 import json
 import shlex
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 import attn2d.slurm  # noqa: F401  (registers the resolvers the launcher configs use)
+from attn2d.report import checks
 
 SLURM = "slurm"  # launcher choice meaning "each experiment's own Slurm launcher"
 LOCAL_TO_SLURM = {"local_cpu": "slurm_cpu"}  # what a local experiment uses under launcher=slurm
@@ -49,6 +51,7 @@ class Resources:
     partition: str  # "" where the launcher has none
     account: str  # "" where the launcher leaves it to Slurm
     timeout_min: int
+    params: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)  # resolved hydra.launcher
 
     @property
     def gpus(self) -> int:
@@ -116,6 +119,7 @@ class Plan:
     launcher_overrides: tuple[str, ...]  # hydra.launcher.* overrides for every cell
     experiments: dict[str, list[Cell]] = field(default_factory=dict)
     meta: dict[str, Experiment] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what the plan-time checks could not check, and why
 
     @property
     def jobs(self) -> dict[str, Cell]:
@@ -163,7 +167,11 @@ def split_overrides(text: str | Iterable[str] | None) -> list[str]:
     if text is None:
         return []
     if isinstance(text, str):
-        return shlex.split(text)
+        try:
+            return shlex.split(text)
+        except ValueError as e:  # an unbalanced quote
+            raise PlanError(f"overrides {text!r} are not shell-like words ({e}); quote a value holding spaces or "
+                            "quotes for Hydra, e.g. key='\"a b\"'") from None
     return [str(t) for t in text]
 
 
@@ -216,8 +224,15 @@ def compose(conf_dir: str | Path, experiment: str, overrides: Iterable[str] = ()
         known = sorted(p.stem for p in (conf_dir / "experiment").glob("*.yaml"))
         raise PlanError(f"experiment {experiment!r} has no file {conf_dir}/experiment/{experiment}.yaml; "
                         f"known experiments: {', '.join(known)}")
-    with initialize_config_dir(config_dir=str(conf_dir), version_base=None):
-        return hydra_compose("config", overrides=[f"experiment={experiment}", *overrides], return_hydra_config=True)
+    key = (str(conf_dir), experiment, tuple(overrides))
+    if key not in _COMPOSED:  # the plan composes the same (experiment, overrides) several times; a copy is returned
+        with initialize_config_dir(config_dir=str(conf_dir), version_base=None):
+            _COMPOSED[key] = hydra_compose("config", overrides=[f"experiment={experiment}", *overrides],
+                                           return_hydra_config=True)
+    return copy.deepcopy(_COMPOSED[key])
+
+
+_COMPOSED: dict[tuple, DictConfig] = {}  # one process = one checkout: conf/ does not change under it
 
 
 def experiment_names(conf_dir: str | Path) -> list[str]:
@@ -266,6 +281,7 @@ def resources(cfg: DictConfig, launcher: str) -> Resources:
         partition=str(params.get("partition") or ""),
         account=str(params.get("account") or ""),
         timeout_min=int(params.get("timeout_min") or 0),
+        params=params,
     )
 
 
@@ -321,15 +337,60 @@ class _Sweep:
     points: list[tuple[str, ...]]  # with the user's sweep overrides (selected experiments)
     size: int  # cells of its own sweep, without overrides (orders the homes)
     fingerprint: str
+    task_overrides: tuple[str, ...] = ()  # the plan's overrides less those with unknown keys (already reported)
 
 
-def _sweep(conf_dir: str | Path, exp: str, launcher: str, task_ovr: Sequence[str], user_sweep: Sequence[str]) -> _Sweep:
-    base = compose(conf_dir, exp, task_ovr)
+def _why(e: Exception) -> str:
+    """An exception's message on one line (Hydra's span several)."""
+    text = " ".join(ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.startswith("See https://"))
+    return text or type(e).__name__
+
+
+def _sweep(conf_dir: str | Path, exp: str, launcher: str, task_ovr: Sequence[str], user_sweep: Sequence[str],
+           problems: list[str]) -> _Sweep | None:
+    """The experiment's sweep, its problems appended to `problems` (unknown keys with the nearest valid key; the
+    sweep goes on without them so that the cells' own problems are found too), or None if it cannot be expanded."""
+    task_ovr, user_sweep = list(task_ovr), list(user_sweep)
+    try:
+        base = compose(conf_dir, exp, task_ovr)
+    except PlanError:
+        raise
+    except Exception as e:  # noqa: BLE001 - Hydra's composition errors: say which key is wrong
+        plain = compose(conf_dir, exp)
+        found = checks.key_problems(task_ovr, plain, "override")
+        problems.extend(f"experiment {exp}: {m}" for m in found or [f"overrides {' '.join(task_ovr)}: {_why(e)}"])
+        if not found:
+            return None
+        task_ovr = [o for o in task_ovr if not checks.key_problems([o], plain, "override")]
+        base = compose(conf_dir, exp, task_ovr)
+    found = checks.key_problems(user_sweep, base, "sweep")
+    problems.extend(f"experiment {exp}: {m}" for m in found)
+    if found:
+        user_sweep = [o for o in user_sweep if not checks.key_problems([o], base, "sweep")]
     eff = resolve_launcher(launcher, str(base.hydra.runtime.choices.get("hydra/launcher")))
-    points = sweep_points(sweeper_params(base), user_sweep)
+    try:
+        points = sweep_points(sweeper_params(base), user_sweep)
+    except Exception as e:  # noqa: BLE001 - a sweep value Hydra's grammar refuses
+        problems.append(f"experiment {exp}: sweep {' '.join(user_sweep)!r}: {_why(e)}")
+        return None
     swept = list(_point_dict(points[0]).keys()) if points else []
     size = len(sweep_points(sweeper_params(base))) if user_sweep else len(points)
-    return _Sweep(base, eff, points, size, _fingerprint(base, swept, eff))
+    return _Sweep(base, eff, points, size, _fingerprint(base, swept, eff), tuple(task_ovr))
+
+
+def _set_dotted(cfg: DictConfig, point: Iterable[str]) -> None:
+    """Apply a sweep point's dotted overrides (benchmark.seq_len=...) to a config composed with its groups."""
+    parser = _parser()
+    for ov in parser.parse_overrides([p for p in point if "." in p.split("=", 1)[0]]):
+        OmegaConf.update(cfg, ov.key_or_group, ov.value(), force_add=ov.is_add() or ov.is_force_add())
+
+
+def _report(problems: Sequence[str], per_cell: Mapping[str, list[str]]) -> str:
+    lines = list(dict.fromkeys(problems))
+    for problem, where in per_cell.items():
+        more = f" and {len(where) - 3} more" if len(where) > 3 else ""
+        lines.append(f"{problem} [{len(where)} cell(s): {'; '.join(where[:3])}{more}]")
+    return (f"the plan has {len(lines)} problem(s); no job was submitted:\n  - " + "\n  - ".join(lines))
 
 
 def plan(
@@ -339,18 +400,26 @@ def plan(
     launcher: str = "local_cpu",
     sweep: str | Iterable[str] | Mapping[str, Any] | None = None,
     overrides: str | Iterable[str] | None = None,
+    check_cells: bool = True,
+    check_cluster: bool = False,
 ) -> Plan:
-    """Expand `experiments` into cells (tables keep this order).
+    """Expand `experiments` into cells (tables keep this order), checking what can be checked before any job runs.
 
     sweep: Hydra sweep overrides that restrict or extend every selected experiment's sweep ("model=gpt3_2p7b
         benchmark.seq_len=8192,16384"), or {experiment: overrides} for one experiment at a time.
     overrides: fixed overrides for every cell ("benchmark.steps=3"); hydra.launcher.* ones set the Slurm job
         (partition, account, timeout_min, ...) and are not part of what makes a cell.
+    check_cells: validate every cell's config (attn2d.config.validate), its name and the speedup baselines.
+    check_cluster: ask the cluster (sinfo, sacctmgr) whether the partitions and accounts exist.
+    Raises PlanError listing EVERY problem found (unknown keys with the nearest valid one, cells that cannot run,
+    ambiguous baselines, partitions the cluster does not have); notes on what was not checked go to `Plan.notes`.
 
     A cell's home (the run dir holding its record) is, among ALL files of conf/experiment/ that run the same
     config at the same point (selected experiments with the sweep above, the others with their own), the one with
     the largest sweep (then by name): a100_speedup for a100_time_per_step's cells. The same run lands in the same
     place whatever the selection."""
+    from attn2d.report.collect import BASELINE, CELL_KEYS
+
     selected = list(dict.fromkeys(experiments))
     fixed = split_overrides(overrides)
     for o in fixed:
@@ -363,33 +432,81 @@ def plan(
     if not selected:
         return result
 
+    problems: list[str] = []
+    per_cell: dict[str, list[str]] = {}  # problem -> the cells that have it
     sweeps: dict[str, _Sweep] = {}
     for exp in sorted(set(experiment_names(conf_dir)) | set(selected)):
         user = split_overrides(sweep.get(exp) if isinstance(sweep, Mapping) else sweep) if exp in selected else []
-        sweeps[exp] = _sweep(conf_dir, exp, launcher, task_ovr, user)
+        found: list[str] = []
+        sw = _sweep(conf_dir, exp, launcher, task_ovr, user, found)
+        if exp in selected:
+            problems.extend(found)
+        if sw is not None and not (found and exp not in selected):
+            sweeps[exp] = sw
     homes: dict[tuple[str, tuple[str, ...]], str] = {}  # (fingerprint, point) -> home experiment
     for exp, sw in sorted(sweeps.items(), key=lambda kv: (-kv[1].size, kv[0])):
         for point in sw.points:
             homes.setdefault((sw.fingerprint, tuple(sorted(point))), exp)
 
-    for exp in selected:
+    for exp in (e for e in selected if e in sweeps):
         sw = sweeps[exp]
-        by_grid: dict[str, tuple[DictConfig, Resources]] = {}
+        composed: dict[tuple[str, ...], DictConfig | None] = {}
+        lov = list(launcher_ovr)  # less those with unknown keys (reported once)
+        if lov:
+            plain = compose(conf_dir, exp, [*sw.task_overrides, f"hydra/launcher={sw.launcher}"])
+            found = checks.key_problems(lov, plain, "launcher override")
+            problems.extend(f"experiment {exp}: {m}" for m in found)
+            lov = [o for o in lov if not checks.key_problems([o], plain, "launcher override")]
         cells = []
         for point in sw.points:
             pd = _point_dict(point)
-            g = pd.get("grid", "")
-            if g not in by_grid:  # one compose per grid: the launcher derives the job shape from it
-                grid_ovr = [f"grid={g}"] if g else []
-                cfg = compose(conf_dir, exp, [*task_ovr, *grid_ovr, f"hydra/launcher={sw.launcher}", *launcher_ovr])
-                by_grid[g] = (cfg, resources(cfg, sw.launcher))
-            cfg, res = by_grid[g]
+            name = cell_name(point)
+            groups = tuple(f"{k}={v}" for k, v in pd.items() if "." not in k and (check_cells or k == "grid"))
+            if groups not in composed:  # one compose per group choice (the launcher derives the job from the grid)
+                ovr = [*sw.task_overrides, *groups, f"hydra/launcher={sw.launcher}"]
+                try:
+                    composed[groups] = compose(conf_dir, exp, [*ovr, *lov])
+                except Exception as e:  # noqa: BLE001 - a group option or launcher value Hydra refuses
+                    problems.append(f"experiment {exp}: {' '.join(groups)} {' '.join(lov)}: {_why(e)}")
+                    composed[groups] = None
+            cfg = composed[groups]
+            if cfg is None:
+                continue
+            bad = []
+            if check_cells:
+                bad += [m for m in [checks.name_problem(name)] if m]
+                try:
+                    _set_dotted(cfg, point)
+                    bad += checks.cell_problems(cfg)
+                except Exception as e:  # noqa: BLE001 - a value OmegaConf refuses
+                    bad.append(_why(e))
+            try:
+                res = resources(cfg, sw.launcher)
+            except PlanError as e:
+                bad.append(str(e))
+            for m in dict.fromkeys(bad):
+                per_cell.setdefault(m, []).append(f"{exp}/{name}")
+            if bad:
+                continue
             home = homes[(sw.fingerprint, tuple(sorted(point)))]
-            cells.append(Cell(exp, cell_name(point), point, home, _info(cfg, exp, pd, res), res))
+            cells.append(Cell(exp, name, point, home, _info(cfg, exp, pd, res), res))
+        if check_cells:
+            problems += checks.baseline_problems(exp, cells, CELL_KEYS, BASELINE)
         result.experiments[exp] = cells
         m = sw.base.get("experiment") or {}
         reported = _reported(exp, m.get("reported"))
         result.meta[exp] = Experiment(exp, str(m.get("reproduces", "")), tuple(m.get("figures", ())),
                                       str(sw.base.hydra.runtime.choices.get("hardware") or ""), sw.launcher,
                                       reported)
+    if check_cluster:
+        wanted: dict[str, dict[str, list[str]]] = {"partition": {}, "account": {}}
+        for c in result.jobs.values():
+            if not c.resources.local:
+                for kind, v in (("partition", c.resources.partition), ("account", c.resources.account)):
+                    if v:
+                        wanted[kind].setdefault(v, []).append(c.run_dir)
+        found, result.notes = checks.cluster_problems(wanted)
+        problems += found
+    if problems or per_cell:
+        raise PlanError(_report(problems, per_cell))
     return result

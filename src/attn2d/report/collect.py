@@ -32,7 +32,7 @@ COLUMNS = [
     "batch_size", "dtype", "device", "status", "reason", "steps", "step_time_s", "step_time_min_s", "step_time_max_s",
     "speedup_vs_ring", "tokens_per_s", "tflops_per_gpu", "mfu", "max_mem_gib", "comm_bytes_sent",
     "comm_bytes_received", "comm_messages", "attn_comm_bytes_sent", "attn_comm_messages", "activation_checkpointing",
-    "causal", "hardware", "device_name", "launcher",
+    "causal", "hardware", "device_name", "launcher", "job_launcher", "partition", "job_id",
     "git_rev", "started_at", "finished_at", "cell", "record",
 ]
 
@@ -72,6 +72,19 @@ def _config(rec: Record, *path: str):
     return node
 
 
+def _ranks(cell: dict) -> int | None:
+    rows, cols = cell.get("rows"), cell.get("cols")
+    return rows * cols if isinstance(rows, int) and isinstance(cols, int) else None
+
+
+def _job_columns(rec: Record) -> dict:
+    """Where the cell's job ran, from the header's `job` (absent in older records): launcher option, partition,
+    job id."""
+    job = rec.header.get("job")
+    job = job if isinstance(job, dict) else {}
+    return {"job_launcher": job.get("launcher"), "partition": job.get("partition"), "job_id": job.get("job_id")}
+
+
 def row(rec: Record, experiment: str) -> dict:
     """One table row of a record (see the module docstring)."""
     c, steps = rec.cell, rec.steps
@@ -84,7 +97,7 @@ def row(rec: Record, experiment: str) -> dict:
         "grid": f"{c.get('rows')}x{c.get('cols')}",
         "rows": c.get("rows"),
         "cols": c.get("cols"),
-        "gpus": c.get("world_size"),
+        "gpus": c.get("world_size") or _ranks(c),  # a run that failed before it started may not know its world
         "nodes": c.get("nodes"),
         "gpus_per_node": c.get("gpus_per_node"),
         "seq_len": c.get("seq_len"),
@@ -103,6 +116,7 @@ def row(rec: Record, experiment: str) -> dict:
         "hardware": hardware_of(rec),
         "device_name": Counter(rec.header.get("devices") or ["unknown"]).most_common(1)[0][0],
         "launcher": rec.header.get("launcher"),
+        **_job_columns(rec),
         "git_rev": rec.header.get("git_rev"),
         "started_at": rec.header.get("started_at"),
         "finished_at": rec.end.get("finished_at"),
@@ -191,7 +205,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         df = collect(a.records, a.experiment)
     except RecordError as e:  # names the file; no traceback needed
-        raise SystemExit(f"collect: rejected a record: {e}") from None
+        raise SystemExit(f"collect: rejected a record: {e}\nRun snakemake again: it moves a corrupt record to "
+                         "<run dir>/corrupt/ (kept) and runs its cell again.") from None
     write_tables(df, a.csv, a.md, a.title or a.experiment)
     print(f"{a.csv}: {len(df)} cells, {int((df.status != 'ok').sum())} failed")
 
