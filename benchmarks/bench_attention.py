@@ -1,22 +1,31 @@
-"""Benchmark the registered distributed attention algorithms (attn2d, attn2d_overlap, ring, ...) on P gloo ranks.
+"""Benchmark the registered distributed attention algorithms (attn2d, attn2d_overlap, ring, ...) on P gloo ranks,
+beside other people's rings (benchmarks/peer_rings.py: PyTorch's own ring when the running torch has it,
+ring-flash-attention when installed on a GPU; each skipped with one line otherwise) and, on one rank, a direct
+F.scaled_dot_product_attention call ("sdpa").
 
 For each algorithm (and, for the 2-D ones, each grid) on P CPU processes (attn2d.testing.run_distributed, gloo):
   1. check: one forward + backward on the sharded inputs, unsharded and compared with the single-device result
      (torch SDPA on the whole sequence, same dtype, autograd): max abs error of out and of dq/dk/dv;
-  2. time: forward, and forward + backward, after a warm-up; each repeat is barrier, call, barrier on every rank,
-     a repeat's time is the max over ranks, the reported time is the median over repeats (also min and max in the
-     JSONL); the repeats run in interleaved rounds over all algorithms, so load changes on a shared machine hit
-     every algorithm alike;
-  3. count: bytes sent and messages of one forward and one forward + backward (attn2d.distributed.comm counts
-     every rank; max over ranks), beside the algorithm's analytic prediction (its comm_ops, max over ranks).
-The table gives, per algorithm and grid, the times, MB sent and messages per rank (counted / predicted), and the
-ratio against ring (zigzag): ring time / time (a speedup, as the paper's "Speedup over Ring Attn") and bytes /
-ring bytes. Ring runs on the 1-D group of all P ranks (grid "Px1").
+  2. count: bytes sent and messages of one forward and one forward + backward (attn2d.distributed.comm counts our
+     algorithms; torch's functional collectives are counted from their arguments by OpCounter), beside the
+     analytic prediction (the algorithm's comm_ops; max over ranks), and per pass the kernel calls (the CPU flash
+     op and its backward, or the math backend's einsums are not kernels) and the other aten ops (OpCounter, a
+     TorchDispatchMode; max over ranks);
+  3. time, after a warm-up, in interleaved rounds: round j times every algorithm once (starting with the j-th, so
+     none is always first), forward then forward + backward, each as --iters consecutive calls between two barriers
+     (per-call mean; max over ranks), so a change of background load on a shared machine hits every algorithm
+     alike. Reported: median, min and max over the
+     --repeats rounds, and the CPU time of the same calls summed over the ranks (median; what the P ranks cost
+     the machine, less sensitive to other jobs than wall time).
+The table gives each algorithm's times, MB and messages per rank (counted / predicted), kernel calls and aten ops
+per pass, and the speedup against the FASTEST ring present (by median fwd+bwd time, named in the table) and
+against ours ("ring", zigzag), and bytes / ring bytes. Rings run on the 1-D group of all P ranks (grid "Px1").
 
-  python benchmarks/bench_attention.py --world 4 --seq 1152 --heads 4 --head-dim 64
-  python benchmarks/bench_attention.py --world 9 --seq 1152 --algorithms attn2d,ring --grids 3x3 --out bench.jsonl
+  python benchmarks/bench_attention.py --world 4 --seq 2048 --heads 4 --head-dim 64 --repeats 5 --iters 3
+  python benchmarks/bench_attention.py --world 9 --seq 2304 --algorithms attn2d,ring --grids 3x3 --out bench.jsonl
+  python benchmarks/bench_attention.py --world 1 --seq 2048 --algorithms attn2d,ring   # vs direct SDPA
 
-CPU only (gloo); timings on a shared CPU are indicative, the byte and message counts are exact.
+CPU only (gloo); timings on a shared CPU are indicative, the byte, message and call counts are exact.
 """
 from __future__ import annotations
 
@@ -29,14 +38,23 @@ import sys
 import time
 from datetime import datetime, timezone
 
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from attn2d.attention import ATTENTION, get_attention, layout
-from attn2d.attention.local import local_attention
-from attn2d.distributed import ProcessGrid, count_comm
-from attn2d.distributed.comm import total_comm
-from attn2d.testing import run_distributed
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import peer_rings  # noqa: E402  (benchmarks/peer_rings.py, next to this script)
+
+from attn2d.attention import ATTENTION, get_attention, layout  # noqa: E402
+from attn2d.attention.local import local_attention  # noqa: E402
+from attn2d.distributed import ProcessGrid, count_comm  # noqa: E402
+from attn2d.distributed.comm import total_comm  # noqa: E402
+from attn2d.testing import run_distributed  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 DEFAULT_ALGORITHMS = "attn2d,attn2d_overlap,ring,ring_contiguous"
@@ -58,7 +76,10 @@ def parse_args(argv=None):
     p.add_argument("--grids", default=None, help="comma list RxC for the 2-D algorithms; default: the square grid of "
                                                  "--world (if any), then every other RxC = world")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds (median, min, max over them)")
+    p.add_argument("--iters", type=int, default=1, help="consecutive calls timed together in each round")
+    p.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run other people's rings (torch's own ring, ...) where available")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=600, help="seconds for the whole distributed run")
     p.add_argument("--out", default=None, help="append one JSON line per (algorithm, grid) to this file")
@@ -72,7 +93,38 @@ def default_grids(world: int) -> list[tuple[int, int]]:
 
 
 def is_ring(name: str) -> bool:
-    return name.startswith("ring")
+    return "ring" in name
+
+
+# ---------------------------------------------------------------------------------------------- what runs
+@dataclass(frozen=True)
+class Algo:
+    """One benchmarked entry: ours (the registry), a peer ring, or the direct SDPA call (one rank)."""
+
+    name: str
+    layout: str
+    fn: Callable  # fn(q, k, v, grid, causal) -> out (B, n, H, D)
+    comm_volume: Callable | None  # the registry's comm_ops, None for the others
+    ours: bool
+
+
+def _sdpa(q, k, v, grid, causal):
+    """Direct F.scaled_dot_product_attention on (B, H, N, D) views: the single-device baseline of --world 1."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal,
+                                         enable_gqa=k.shape[2] != q.shape[2])
+    return out.transpose(1, 2)
+
+
+def resolve(name: str, device=torch.device("cpu")) -> Algo:
+    if name == "sdpa":
+        return Algo("sdpa", "full", _sdpa, None, False)
+    if name in ATTENTION:
+        impl = get_attention(name)
+        return Algo(name, impl.layout, lambda q, k, v, grid, causal, f=impl.fn: f(q, k, v, grid=grid, causal=causal),
+                    impl.comm_volume, True)
+    peer = next(r for r in peer_rings.available(device)[0] if r.name == name)
+    return Algo(name, peer.layout, lambda q, k, v, grid, causal, f=peer.fn: f(q, k, v, group=grid.group,
+                                                                               causal=causal), None, False)
 
 
 def plan(args) -> tuple[list[tuple[str, int, int]], list[str]]:
@@ -81,20 +133,36 @@ def plan(args) -> tuple[list[tuple[str, int, int]], list[str]]:
     if args.grids:
         grids = [tuple(int(x) for x in g.lower().split("x")) for g in args.grids.split(",")]
     runs, notes = [], []
-    for name in [a.strip() for a in args.algorithms.split(",") if a.strip()]:
-        if name not in ATTENTION:
-            notes.append(f"skip {name}: not registered (known: {', '.join(sorted(ATTENTION))})")
+    names = [a.strip() for a in args.algorithms.split(",") if a.strip()]
+    if args.peers:
+        peers, why = peer_rings.available(torch.device("cpu"))
+        notes += why
+        if args.kv_heads not in (None, args.heads):
+            notes += [f"skip {r.name}: wired for multi-head attention, --kv-heads is {args.kv_heads}" for r in peers]
+        elif args.world > 1:
+            names += [r.name for r in peers if r.name not in names]
+        else:
+            notes += [f"skip {r.name}: a ring of one rank (--world 1); sdpa is the baseline" for r in peers]
+    if args.world == 1 and "sdpa" not in names:
+        names.append("sdpa")
+    for name in names:
+        if name != "sdpa" and name not in ATTENTION and not any(r.name == name for r in
+                                                                  peer_rings.available(torch.device("cpu"))[0]):
+            notes.append(f"skip {name}: not registered (known: {', '.join(sorted(ATTENTION))}) nor a peer ring here")
             continue
-        impl = ATTENTION[name]
-        if impl.needs_world == "one" and args.world != 1:
+        impl = ATTENTION.get(name)
+        if impl is not None and impl.needs_world == "one" and args.world != 1:
             notes.append(f"skip {name}: runs on one rank only, --world is {args.world}")
             continue
-        for rows, cols in ([(args.world, 1)] if is_ring(name) else grids):
+        if name == "sdpa" and args.world != 1:
+            notes.append(f"skip sdpa: the single-device baseline, --world is {args.world}")
+            continue
+        for rows, cols in ([(args.world, 1)] if is_ring(name) or name == "sdpa" else grids):
             if rows * cols != args.world:
                 notes.append(f"skip {name} {rows}x{cols}: {rows * cols} ranks, --world is {args.world}")
                 continue
             try:
-                layout.layout_spans(impl.layout, args.seq, 0, rows, cols)
+                layout.layout_spans(resolve(name).layout, args.seq, 0, rows, cols)
             except ValueError as e:
                 notes.append(f"skip {name} {rows}x{cols}: {e}")
                 continue
@@ -110,51 +178,110 @@ def make_inputs(args):
     return [torch.randn(s, generator=g).to(DTYPES[args.dtype]) for s in (shape, kv_shape, kv_shape, shape)]
 
 
-def _timed_once(fn) -> float:
-    """This rank's seconds for one call between two barriers."""
+# ---------------------------------------------------------------------------------------------- counting ops
+KERNEL_OPS = ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward",
+              "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_backward",
+              "_scaled_dot_product_efficient_attention", "_scaled_dot_product_efficient_attention_backward",
+              "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_cudnn_attention_backward")
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts, per pass, attention kernel calls (KERNEL_OPS), other aten ops, and the bytes and messages of
+    torch's functional collectives (what torch's ring uses; our algorithms' p2p and collectives are counted by
+    attn2d.distributed.comm, with the same convention: all-gather of b bytes over g ranks sends (g-1) b in g-1
+    messages; an all-to-all sends what goes to other ranks). Communication ops are not counted as aten ops."""
+
+    def __init__(self):
+        super().__init__()
+        self.kernels, self.ops, self.sent, self.msgs = 0, 0, 0, 0
+        self.by_name = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        ns, name = func.namespace, func._schema.name.split("::")[-1]
+        if name in KERNEL_OPS:
+            self.kernels += 1
+        elif ns in ("c10d", "_c10d_functional", "c10d_functional"):
+            self._comm(name, args)
+        else:
+            self.ops += 1
+            self.by_name[name] += 1
+        return func(*args, **kwargs)
+
+    def _comm(self, name, args):
+        if name == "all_gather_into_tensor":
+            x, g = args[0], args[1]
+            self.sent += (g - 1) * x.numel() * x.element_size()
+            self.msgs += g - 1
+        elif name == "all_to_all_single":
+            x, in_splits = args[0], args[2]
+            me, row = dist.get_rank(), x[0].numel() * x.element_size() if x.dim() > 1 else x.element_size()
+            to_others = [sp for j, sp in enumerate(in_splits) if j != me]  # the world group: group rank = rank
+            self.sent += sum(to_others) * row
+            self.msgs += sum(1 for sp in to_others if sp)
+
+    def as_dict(self) -> dict:
+        return {"kernel_calls": self.kernels, "aten_ops": self.ops, "bytes_sent": self.sent, "messages": self.msgs}
+
+
+# ---------------------------------------------------------------------------------------------- the ranks
+def _timed(fn, iters: int) -> tuple[float, float]:
+    """This rank's (wall, CPU) seconds per call over `iters` calls between two barriers."""
     dist.barrier()
-    t0 = time.perf_counter()
-    fn()
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(iters):
+        fn()
+    c1 = time.process_time()
     dist.barrier()
-    return time.perf_counter() - t0
+    return (time.perf_counter() - t0) / iters, (c1 - c0) / iters
 
 
 def worker(rank: int, world: int, args, runs):
     """On every rank: set up, check and count each run once, warm every run up, then time in interleaved rounds
-    (round j times every run's forward and forward + backward once), so that a change of background load on a
-    shared machine hits every algorithm alike."""
+    (round j times every run's forward and forward + backward once each), so that a change of background load on
+    a shared machine hits every algorithm alike."""
     q_full, k_full, v_full, dout_full = make_inputs(args)
     grids, calls, results = {}, [], []
     for name, rows, cols in runs:
         if (rows, cols) not in grids:
             grids[(rows, cols)] = ProcessGrid(rows, cols)  # collective: same order on every rank
-        grid, impl = grids[(rows, cols)], get_attention(name)
-        q, k, v = (layout.shard(x, grid, impl.layout).requires_grad_() for x in (q_full, k_full, v_full))
-        dout = layout.shard(dout_full, grid, impl.layout)  # (B, N/P, H, D)
+        grid, algo = grids[(rows, cols)], resolve(name)
+        q, k, v = (layout.shard(x, grid, algo.layout).requires_grad_() for x in (q_full, k_full, v_full))
+        dout = layout.shard(dout_full, grid, algo.layout)  # (B, N/P, H, D)
 
-        def fwd(impl=impl, q=q, k=k, v=v, grid=grid):
-            return impl.fn(q, k, v, grid=grid, causal=args.causal)
+        def fwd(algo=algo, q=q, k=k, v=v, grid=grid):
+            with torch.no_grad():
+                return algo.fn(q, k, v, grid, args.causal)
 
-        def fwd_bwd(fwd=fwd, q=q, k=k, v=v, dout=dout):
-            fwd().backward(dout)
+        def fwd_bwd(algo=algo, q=q, k=k, v=v, dout=dout, grid=grid):
+            algo.fn(q, k, v, grid, args.causal).backward(dout)
             q.grad = k.grad = v.grad = None
 
-        with count_comm() as c_fwd:
-            out = fwd()
-        with count_comm() as c_all:
-            fwd().backward(dout)
+        out = algo.fn(q, k, v, grid, args.causal)  # the check (and a first warm-up)
+        out.backward(dout)
         check = dict(out=out.detach(), dq=q.grad, dk=k.grad, dv=v.grad)
         q.grad = k.grad = v.grad = None
+        with count_comm() as c_fwd, OpCounter() as o_fwd:
+            fwd()
+        with count_comm() as c_all:
+            out = algo.fn(q, k, v, grid, args.causal)
+            with OpCounter() as o_bwd:
+                out.backward(dout)
+        q.grad = k.grad = v.grad = None
         calls.append((fwd, fwd_bwd))
-        results.append(dict(check=check, fwd=c_fwd.as_dict(), all=c_all.as_dict(), t_fwd=[], t_all=[]))
+        results.append(dict(check=check, fwd=c_fwd.as_dict(), all=c_all.as_dict(), ops_fwd=o_fwd.as_dict(),
+                            ops_bwd=o_bwd.as_dict(), t_fwd=[], t_all=[], c_fwd=[], c_all=[]))
     for fwd, fwd_bwd in calls:
         for _ in range(args.warmup):
             fwd()
             fwd_bwd()
-    for _ in range(args.repeats):
-        for (fwd, fwd_bwd), res in zip(calls, results):
-            res["t_fwd"].append(_timed_once(fwd))
-            res["t_all"].append(_timed_once(fwd_bwd))
+    for j in range(args.repeats):
+        order = list(zip(calls, results))
+        for (fwd, fwd_bwd), res in order[j % len(order):] + order[:j % len(order)]:  # each round starts elsewhere
+            for key, fn in (("fwd", fwd), ("all", fwd_bwd)):
+                wall, cpu = _timed(fn, args.iters)
+                res["t_" + key].append(wall)
+                res["c_" + key].append(cpu)
     return results
 
 
@@ -176,12 +303,12 @@ def unshard(per_rank: list[torch.Tensor], lay: str, seq: int, rows: int, cols: i
 
 def predicted(name, args, rows, cols) -> dict:
     """Max over ranks of the analytic bytes sent and messages, forward and forward + backward."""
-    impl = get_attention(name)
-    if impl.comm_volume is None:
+    algo = resolve(name)
+    if algo.comm_volume is None:
         return {}
     best = {"fwd_bytes": 0, "fwd_msgs": 0, "all_bytes": 0, "all_msgs": 0}
     for rk in range(rows * cols):
-        ops = impl.comm_volume(args.batch, args.seq, args.heads, args.head_dim, rows, cols, DTYPES[args.dtype],
+        ops = algo.comm_volume(args.batch, args.seq, args.heads, args.head_dim, rows, cols, DTYPES[args.dtype],
                                args.causal, rank=rk, kv_heads=args.kv_heads)
         f, a = total_comm(ops, "fwd"), total_comm(ops)
         for key, val in (("fwd_bytes", f["bytes_sent"]), ("fwd_msgs", f["messages"]),
@@ -190,38 +317,57 @@ def predicted(name, args, rows, cols) -> dict:
     return best
 
 
+def _spread(xs: list[float]) -> tuple[float, float, float]:
+    return statistics.median(xs), min(xs), max(xs)
+
+
 def summarise(args, runs, per_rank) -> list[dict]:
     ref = single_device(args)
     rows_out = []
     for i, (name, rows, cols) in enumerate(runs):
         res = [per_rank[rk][i] for rk in range(args.world)]
-        lay = get_attention(name).layout
+        algo = resolve(name)
         err = {}
         for key in ("out", "dq", "dk", "dv"):
-            got = unshard([r["check"][key] for r in res], lay, args.seq, rows, cols)
+            got = unshard([r["check"][key] for r in res], algo.layout, args.seq, rows, cols)
             err[key] = (got.double() - ref[key].double()).abs().max().item()
             err[key + "_rel"] = err[key] / max(ref[key].double().abs().max().item(), 1e-30)
-        t_fwd = [max(r["t_fwd"][j] for r in res) for j in range(args.repeats)]  # max over ranks, per repeat
+        t_fwd = [max(r["t_fwd"][j] for r in res) for j in range(args.repeats)]  # max over ranks, per round
         t_all = [max(r["t_all"][j] for r in res) for j in range(args.repeats)]
+        c_all = [sum(r["c_all"][j] for r in res) for j in range(args.repeats)]  # summed over ranks, per round
+        c_fwd = [sum(r["c_fwd"][j] for r in res) for j in range(args.repeats)]
+        # bytes and messages: comm's count for ours, the functional collectives' for the peers
+        fwd = {k: max(r["fwd"][k] + r["ops_fwd"][k] for r in res) for k in ("bytes_sent", "messages")}
+        full = {k: max(r["all"][k] + r["ops_fwd"][k] + r["ops_bwd"][k] for r in res) for k in ("bytes_sent", "messages")}
+        med, lo, hi = _spread(t_fwd)
+        med_all, lo_all, hi_all = _spread(t_all)
         rows_out.append(dict(
             algorithm=name, grid=f"{rows}x{cols}", rows=rows, cols=cols,
             max_err_out=err["out"], max_err_grad=max(err["dq"], err["dk"], err["dv"]),
             check_ok=max(err[k + "_rel"] for k in ("out", "dq", "dk", "dv")) < ERR_TOL[args.dtype],
-            time_fwd_s=statistics.median(t_fwd), time_fwd_bwd_s=statistics.median(t_all),
-            time_fwd_min_max_s=[min(t_fwd), max(t_fwd)], time_fwd_bwd_min_max_s=[min(t_all), max(t_all)],
-            bytes_fwd=max(r["fwd"]["bytes_sent"] for r in res), msgs_fwd=max(r["fwd"]["messages"] for r in res),
-            bytes_fwd_bwd=max(r["all"]["bytes_sent"] for r in res), msgs_fwd_bwd=max(r["all"]["messages"] for r in res),
+            time_fwd_s=med, time_fwd_bwd_s=med_all, time_fwd_min_max_s=[lo, hi], time_fwd_bwd_min_max_s=[lo_all, hi_all],
+            times_fwd_s=t_fwd, times_fwd_bwd_s=t_all,
+            cpu_fwd_s=statistics.median(c_fwd), cpu_fwd_bwd_s=statistics.median(c_all),
+            bytes_fwd=fwd["bytes_sent"], msgs_fwd=fwd["messages"],
+            bytes_fwd_bwd=full["bytes_sent"], msgs_fwd_bwd=full["messages"],
+            kernel_calls_fwd=max(r["ops_fwd"]["kernel_calls"] for r in res),
+            kernel_calls_bwd=max(r["ops_bwd"]["kernel_calls"] for r in res),
+            aten_ops_fwd=max(r["ops_fwd"]["aten_ops"] for r in res),
+            aten_ops_bwd=max(r["ops_bwd"]["aten_ops"] for r in res),
             predicted=predicted(name, args, rows, cols),
             by_op_max={op: max(r["all"]["by_op"].get(op, {}).get("bytes_sent", 0) for r in res)
                        for op in sorted({op for r in res for op in r["all"]["by_op"]})},
         ))
-    ring = next((r for r in rows_out if r["algorithm"] == "ring"), None) or \
-        next((r for r in rows_out if is_ring(r["algorithm"])), None)
+    rings = [r for r in rows_out if is_ring(r["algorithm"])]
+    fastest = min(rings, key=lambda r: r["time_fwd_bwd_s"]) if rings else None
+    ours = next((r for r in rows_out if r["algorithm"] == "ring"), None)
+    sdpa = next((r for r in rows_out if r["algorithm"] == "sdpa"), None)
     for r in rows_out:
-        r["vs"] = ring["algorithm"] if ring else None
-        r["speedup_fwd_bwd_vs_ring"] = ring["time_fwd_bwd_s"] / r["time_fwd_bwd_s"] if ring else None
-        r["speedup_fwd_vs_ring"] = ring["time_fwd_s"] / r["time_fwd_s"] if ring else None
-        r["bytes_ratio_vs_ring"] = r["bytes_fwd_bwd"] / ring["bytes_fwd_bwd"] if ring and ring["bytes_fwd_bwd"] else None
+        for key, base in (("fastest_ring", fastest), ("ring", ours), ("sdpa", sdpa)):
+            r[f"vs_{key}"] = base["algorithm"] if base else None
+            r[f"speedup_fwd_bwd_vs_{key}"] = base["time_fwd_bwd_s"] / r["time_fwd_bwd_s"] if base else None
+            r[f"speedup_fwd_vs_{key}"] = base["time_fwd_s"] / r["time_fwd_s"] if base else None
+        r["bytes_ratio_vs_ring"] = r["bytes_fwd_bwd"] / ours["bytes_fwd_bwd"] if ours and ours["bytes_fwd_bwd"] else None
     return rows_out
 
 
@@ -234,19 +380,30 @@ def table(rows_out) -> str:
         return f"{fmt(got)} / {fmt(p[key])}{'' if got == p[key] else '!'}"
 
     mb = lambda b: f"{b / 1e6:.3f}"  # noqa: E731
-    head = (f"{'algorithm':<16} {'grid':>5} {'fwd ms':>8} {'fwd+bwd ms':>10} {'MB/rank fwd':>19} "
-            f"{'MB/rank fwd+bwd':>19} {'msgs fwd':>9} {'msgs fwd+bwd':>12} {'x ring time':>11} {'x ring bytes':>12} "
-            f"{'max err out/grad':>17}")
+    ms = lambda t: f"{t * 1e3:.1f}"  # noqa: E731
+    x = lambda v: f"{v:.2f}x" if v else "-"  # noqa: E731
+    ratio = lambda v: f"{v:.2f}" if v else "-"  # noqa: E731
+    fastest = next((r["vs_fastest_ring"] for r in rows_out if r["vs_fastest_ring"]), None)
+    base = "sdpa" if any(r["algorithm"] == "sdpa" for r in rows_out) else "fastest_ring"
+    head = (f"{'algorithm':<15} {'grid':>4} {'fwd ms (min-max)':>18} {'fwd+bwd ms (min-max)':>21} {'CPU ms':>7} "
+            f"{'MB/rank fwd+bwd':>17} {'msgs':>9} {'kernels':>7} {'aten ops':>9} "
+            f"{('x sdpa' if base == 'sdpa' else 'x fastest'):>9} {'x ring':>7} {'x bytes':>7} {'err out/grad':>15}")
     lines = [head, "-" * len(head)]
     for r in rows_out:
         p = r["predicted"]
-        speed = f"{r['speedup_fwd_bwd_vs_ring']:.2f}x" if r["speedup_fwd_bwd_vs_ring"] else "-"
-        ratio = f"{r['bytes_ratio_vs_ring']:.2f}" if r["bytes_ratio_vs_ring"] else "-"
+        lo, hi = r["time_fwd_min_max_s"]
+        lo2, hi2 = r["time_fwd_bwd_min_max_s"]
         lines.append(
-            f"{r['algorithm']:<16} {r['grid']:>5} {r['time_fwd_s'] * 1e3:8.1f} {r['time_fwd_bwd_s'] * 1e3:10.1f} "
-            f"{pair(r['bytes_fwd'], 'fwd_bytes', p, mb):>19} {pair(r['bytes_fwd_bwd'], 'all_bytes', p, mb):>19} "
-            f"{pair(r['msgs_fwd'], 'fwd_msgs', p, str):>9} {pair(r['msgs_fwd_bwd'], 'all_msgs', p, str):>12} {speed:>11} {ratio:>12} "
+            f"{r['algorithm']:<15} {r['grid']:>4} {ms(r['time_fwd_s']) + f' ({ms(lo)}-{ms(hi)})':>18} "
+            f"{ms(r['time_fwd_bwd_s']) + f' ({ms(lo2)}-{ms(hi2)})':>21} {ms(r['cpu_fwd_bwd_s']):>7} "
+            f"{pair(r['bytes_fwd_bwd'], 'all_bytes', p, mb):>17} {pair(r['msgs_fwd_bwd'], 'all_msgs', p, str):>9} "
+            f"{str(r['kernel_calls_fwd']) + '+' + str(r['kernel_calls_bwd']):>7} "
+            f"{str(r['aten_ops_fwd']) + '+' + str(r['aten_ops_bwd']):>9} "
+            f"{x(r['speedup_fwd_bwd_vs_' + base]):>9} {x(r['speedup_fwd_bwd_vs_ring']):>7} "
+            f"{ratio(r['bytes_ratio_vs_ring']):>7} "
             f"{r['max_err_out']:.1e}/{r['max_err_grad']:.1e}{'' if r['check_ok'] else ' WRONG'}")
+    lines.append(f"x {'sdpa' if base == 'sdpa' else 'fastest'} = {'sdpa' if base == 'sdpa' else fastest} fwd+bwd "
+                 "median time / this one (a speedup); x ring = the same against ours (ring, zigzag)")
     return "\n".join(lines)
 
 
@@ -259,27 +416,30 @@ def main(argv=None) -> int:
         print("nothing to run")
         return 1
     machine = f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, gloo"
+    command = "python benchmarks/bench_attention.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"P={args.world} N={args.seq} B={args.batch} H={args.heads} H_kv={args.kv_heads or args.heads} "
-          f"D={args.head_dim} {args.dtype} "
-          f"causal={args.causal} warmup={args.warmup} repeats={args.repeats}; {machine}")
+          f"D={args.head_dim} {args.dtype} causal={args.causal} warmup={args.warmup} repeats={args.repeats} "
+          f"iters={args.iters}; {machine}")
     t0 = time.perf_counter()
     per_rank = run_distributed(args.world, worker, args, runs, timeout_s=args.timeout)
     rows_out = summarise(args, runs, per_rank)
     print(table(rows_out))
-    print("MB and messages per rank: counted / predicted by the algorithm's comm_ops (max over ranks; '!' marks a "
-          "mismatch); x ring time = ring fwd+bwd time / this fwd+bwd time; x ring bytes = fwd+bwd bytes / ring's; "
-          "max err = max abs error of out and of dq/dk/dv vs single-device SDPA (WRONG: relative to the largest value "
+    print("times: median (min-max) over interleaved rounds of --iters calls, max over ranks; CPU ms = fwd+bwd CPU "
+          "time summed over the ranks (median); MB and messages per rank: counted / predicted by the algorithm's "
+          "comm_ops (max over ranks; '!' marks a mismatch; peers: counted from torch's functional collectives); "
+          "kernels, aten ops: per forward + per backward (max over ranks); x bytes = fwd+bwd bytes / ring's; err = "
+          "max abs error of out and of dq/dk/dv vs single-device SDPA (WRONG: relative to the largest value "
           f">= {ERR_TOL[args.dtype]}).")
     print(f"(wall {time.perf_counter() - t0:.0f} s)")
     if args.out:
         stamp = datetime.now(timezone.utc).isoformat()
         with open(args.out, "a") as f:
             for r in rows_out:
-                f.write(json.dumps({"kind": "bench_attention", "at": stamp, "machine": machine, "world": args.world,
-                                    "seq_len": args.seq, "batch": args.batch, "heads": args.heads,
-                                    "kv_heads": args.kv_heads or args.heads,
+                f.write(json.dumps({"kind": "bench_attention", "at": stamp, "command": command, "machine": machine,
+                                    "world": args.world, "seq_len": args.seq, "batch": args.batch,
+                                    "heads": args.heads, "kv_heads": args.kv_heads or args.heads,
                                     "head_dim": args.head_dim, "dtype": args.dtype, "causal": args.causal,
-                                    "repeats": args.repeats, **r}) + "\n")
+                                    "repeats": args.repeats, "iters": args.iters, **r}) + "\n")
     keys = (("bytes_fwd", "fwd_bytes"), ("msgs_fwd", "fwd_msgs"), ("bytes_fwd_bwd", "all_bytes"),
             ("msgs_fwd_bwd", "all_msgs"))
     mismatch = [r for r in rows_out if r["predicted"] and any(r[a] != r["predicted"][b] for a, b in keys)]

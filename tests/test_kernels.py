@@ -4,6 +4,7 @@ References are computed here, independently of the code under test: `_ref_block`
 positional mask) and reference.reference_attention (+ autograd for gradients). The CUDA adapters cannot run here;
 their argument binding to the torch op schemas is checked on "meta" tensors.
 """
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -18,7 +19,7 @@ import torch
 from attn2d.attention import backends, kernels
 from attn2d.attention.kernels import Piece, attn_backward, attn_forward, block_pieces
 from attn2d.attention.layout import Span, layout_spans, spans_tensor
-from attn2d.attention.merge import merge_partials
+from attn2d.attention.merge import merge_into, merge_partials
 from attn2d.attention.reference import reference_attention
 
 CPU_BACKENDS = ["math", "cpu_flash"]
@@ -271,9 +272,9 @@ def test_block_pieces_classify_pairs_without_tensors():
     assert ps[0].kind == "mask" and ps[0].q_span == Span(1, 7, ps[0].q1)
     assert torch.equal(ps[0].mask(), visible_of(qs, ks)[ps[0].q0:ps[0].q1, :ps[0].k1])
     assert _visible_pairs(ps) == _true_pairs(qs, ks)
-    # zigzag pair: 4 span pairs, two fully masked (no call), two fully visible
+    # zigzag pair: 4 span pairs, two fully masked, two fully visible on the same rows: ONE unmasked call
     ps = block_pieces((Span(0, 1, 4), Span(12, 1, 4)), (Span(4, 1, 4), Span(8, 1, 4)), 8, 8, causal=True)
-    assert ps == [Piece(4, 8, 0, 4, "full"), Piece(4, 8, 4, 8, "full")]
+    assert ps == [Piece(4, 8, 0, 8, "full")]
 
 
 def visible_of(qs, ks):
@@ -549,3 +550,108 @@ def test_grouped_query_blocks_match_reference(backend):
         for g, want, name in zip(got, (q64.grad, k64.grad, v64.grad), ("dq", "dk", "dv")):
             assert g.shape == want.shape, name
             _close(g, want, torch.float32, f"GQA {name} {qs}")
+
+
+# ---------------------------------------------------------------- one backend call per ring step / square-grid block
+def _counting(monkeypatch, name):
+    """Wrap backend `name`'s entry points; returns the list of calls ('fwd' / 'bwd', rows, keys) made through them."""
+    calls, impl = [], backends.BACKENDS[name]
+
+    def fwd(q, k, v, **kw):
+        calls.append(("fwd", q.shape[1], k.shape[1]))
+        return impl.forward(q, k, v, **kw)
+
+    def bwd(dout, q, k, v, *args, **kw):
+        calls.append(("bwd", q.shape[1], k.shape[1]))
+        return impl.backward(dout, q, k, v, *args, **kw)
+
+    monkeypatch.setitem(backends.BACKENDS, name, dataclasses.replace(impl, forward=fwd, backward=bwd))
+    return calls
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_ring_zigzag_steps_make_one_kernel_call_each(monkeypatch, backend):
+    """P = 4, zigzag, causal: every (rank, step) block is ONE backend call forward and one backward (step 0: the
+    causal square on both local chunks; lower source: all queries x first received chunk; higher source: second
+    local chunk x both received chunks), and it equals the float64 block; 4 calls per rank per pass."""
+    from attn2d.attention.ring import ring_plan
+
+    P, n_seq = 4, 64
+    n = n_seq // P
+    q, k, v, dout = _qkv(torch.float32, 16, n=n_seq, seed=3)
+    calls = _counting(monkeypatch, backend)
+    for rank in range(P):
+        qi = _pos(layout_spans("zigzag", n_seq, rank, P))
+        before = len(calls)
+        for s, (q_pos, k_pos) in enumerate(ring_plan("zigzag", n_seq, rank, P)):
+            ki = _pos(k_pos)
+            got = len(calls)
+            o, l = attn_forward(q[:, qi], k[:, ki], v[:, ki], causal=True, q_pos=q_pos, k_pos=k_pos, backend=backend)
+            src = (rank - s) % P
+            rows, keys = (n, n) if s == 0 else (n, n // 2) if src < rank else (n // 2, n)
+            assert calls[got:] == [("fwd", rows, keys)], (rank, s, calls[got:])
+            want_o, want_l = _ref_block(q[:, qi], k[:, ki], v[:, ki], qi, ki)
+            _close(o, want_o, torch.float32, f"rank {rank} step {s} out")
+            _close(l, want_l, torch.float32, f"rank {rank} step {s} lse")
+            got = len(calls)
+            attn_backward(dout[:, qi], q[:, qi], k[:, ki], v[:, ki], o, l, causal=True, q_pos=q_pos, k_pos=k_pos,
+                          backend=backend)
+            assert calls[got:] == [("bwd", rows, keys)], (rank, s, calls[got:])
+        assert len(calls) - before == 2 * P  # 4 forward + 4 backward calls for this rank
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("side", [2, 3])
+def test_square_grid_attention2d_block_is_one_kernel_call(monkeypatch, backend, side):
+    """Attention2D's block on a square grid (queries r mod R, keys c mod R) is one backend call each way, for
+    every (r, c): causal when c <= r, the stripe trick (rows 1.., keys ..-1) when c > r."""
+    n_seq = 6 * side
+    q, k, v, dout = _qkv(torch.float32, 16, n=n_seq, seed=side)
+    calls = _counting(monkeypatch, backend)
+    for r in range(side):
+        for c in range(side):
+            qs, ks = Span(r, side, n_seq // side), Span(c, side, n_seq // side)
+            qi, ki = _pos(qs), _pos(ks)
+            got = len(calls)
+            o, l = attn_forward(q[:, qi], k[:, ki], v[:, ki], causal=True, q_pos=qs, k_pos=ks, backend=backend)
+            attn_backward(dout[:, qi], q[:, qi], k[:, ki], v[:, ki], o, l, causal=True, q_pos=qs, k_pos=ks,
+                          backend=backend)
+            assert [x[0] for x in calls[got:]] == ["fwd", "bwd"], (r, c, calls[got:])
+            want_o, want_l = _ref_block(q[:, qi], k[:, ki], v[:, ki], qi, ki)
+            _close(o, want_o, torch.float32, f"block ({r}, {c}) out")
+            _close(l, want_l, torch.float32, f"block ({r}, {c}) lse")
+
+
+def test_row_profile_plans_cover_each_visible_pair_once():
+    """The row-profile plan (one call per run of rows) on many increasing layouts, both causal conventions: every
+    visible (row, key) pair computed exactly once, no masked pair, top-left backends only square causal pieces."""
+    cases = [(layout_spans(lay, 48, i, P), layout_spans(lay, 48, j, P), 48 // P)
+             for lay in ("zigzag", "contiguous", "cyclic") for P in (1, 2, 3, 4) for i in range(P) for j in range(P)]
+    cases += [(Span(2, 1, 4), Span(0, 1, 8), None), (Span(0, 1, 8), Span(0, 1, 3), None),
+              (Span(1, 2, 7), Span(0, 3, 5), None), ((Span(0, 1, 3), Span(10, 1, 3)), Span(1, 2, 6), None)]
+    for qs, ks, _ in cases:
+        n_q, n_k = len(_pos(qs)), len(_pos(ks))
+        for bottom_right in (True, False):
+            ps = block_pieces(qs, ks, n_q, n_k, causal=True, bottom_right=bottom_right)
+            assert _visible_pairs(ps) == _true_pairs(qs, ks), (qs, ks, ps)
+            assert all(p.kind != "causal" or bottom_right or p.n_q == p.n_k for p in ps), ps
+
+
+def test_merge_into_equals_merge_partials_in_place():
+    """In-place merge of a partial into running (out, lse) views: the same as merge_partials, -inf rows included
+    (a running row with nothing yet takes the partial; a row empty on both sides stays 0 / -inf)."""
+    gen = torch.Generator().manual_seed(5)
+    out_full = torch.randn(2, 10, 3, 8, generator=gen)
+    lse_full = torch.randn(2, 3, 10, generator=gen)
+    o, l = torch.randn(2, 6, 3, 8, generator=gen), torch.randn(2, 3, 6, generator=gen)
+    out_full[:, 4] = 0
+    lse_full[:, :, 4] = NEG_INF  # running row 4 (partial row 0) saw nothing yet
+    o[:, 1], l[:, :, 1] = 0, NEG_INF  # partial row 1 saw nothing
+    out_full[:, 5], lse_full[:, :, 5] = 0, NEG_INF  # row 5 (partial row 1): empty on both sides
+    want_o, want_l = merge_partials([out_full[:, 4:], o], [lse_full[:, :, 4:], l])
+    untouched = out_full[:, :4].clone(), lse_full[:, :, :4].clone()
+    merge_into(out_full[:, 4:], lse_full[:, :, 4:], o, l)  # rows 4.. of the running buffers, in place
+    _close(out_full[:, 4:], want_o, torch.float32, "merged out")
+    _close(lse_full[:, :, 4:], want_l, torch.float32, "merged lse")
+    assert torch.equal(out_full[:, 4], o[:, 0]) and (out_full[:, 5] == 0).all()
+    assert torch.equal(out_full[:, :4], untouched[0]) and torch.equal(lse_full[:, :, :4], untouched[1])

@@ -1,11 +1,13 @@
 """Ring Attention on real gloo processes: output and gradients against the float64 reference (both layouts, causal
 and not, fp32 and bf16), every rank's counted communication against comm_ops op by op, and the classic ring
 volume 2 (P-1) (N/P) H D B e per rank (independent closed form); clear errors on bad inputs."""
+import dataclasses
+
 import pytest
 import torch
 import torch.distributed as dist
 
-from attn2d.attention import get_attention, layout
+from attn2d.attention import backends, get_attention, kernels, layout
 from attn2d.attention.kernels import block_pieces
 from attn2d.attention.ring import BWD_OPS, FWD_OPS, comm_ops, ring_attention, step_spans
 from attn2d.distributed import GridError, ProcessGrid, count_comm
@@ -49,7 +51,33 @@ def _cases_worker(rank, world, cases):
         results.append(_bad_inputs())
     if world == 4:
         results.append(_subgroup_case(rank, cases[0]))
+        results.append(_kernel_calls(cases[0]))
     return results
+
+
+def _kernel_calls(case):
+    """Backend calls of one zigzag causal fp32 forward and backward on this rank, counted by wrapping the backend's
+    entry points (the kernel layer looks them up at every call)."""
+    name = kernels.resolve_backend(device="cpu", dtype=torch.float32, head_dim=D)
+    impl, calls = backends.BACKENDS[name], []
+
+    def fwd(q, k, v, **kw):
+        calls.append(("fwd", q.shape[1], k.shape[1]))
+        return impl.forward(q, k, v, **kw)
+
+    def bwd(dout, q, k, v, *args, **kw):
+        calls.append(("bwd", q.shape[1], k.shape[1]))
+        return impl.backward(dout, q, k, v, *args, **kw)
+
+    backends.BACKENDS[name] = dataclasses.replace(impl, forward=fwd, backward=bwd)
+    try:
+        q, k, v = (layout.shard(case[x].float(), None, "zigzag").requires_grad_() for x in "qkv")
+        out = ring_attention(q, k, v, causal=True, layout="zigzag")
+        n_fwd = len(calls)
+        out.backward(layout.shard(case["dout"].float(), None, "zigzag"))
+    finally:
+        backends.BACKENDS[name] = impl
+    return dict(fwd=calls[:n_fwd], bwd=calls[n_fwd:])
 
 
 def _subgroup_case(rank, case):
@@ -107,7 +135,20 @@ def _check_world(world):
     if world == 1:
         _check_errors(per_rank[0][-1])
     if world == 4:
-        _check_subgroups(cases[0], [per_rank[rk][-1] for rk in range(world)])
+        _check_subgroups(cases[0], [per_rank[rk][-2] for rk in range(world)])
+        _check_kernel_calls(cases[0], world, [per_rank[rk][-1] for rk in range(world)])
+
+
+def _check_kernel_calls(case, world, results):
+    """Zigzag, causal: ONE kernel call per ring step and rank, each way (P = 4: 4 forward + 4 backward), with the
+    shapes of the zigzag plan: step 0 all n rows x n keys (causal); a lower source rank n x n/2 (first chunk
+    received); a higher one n/2 x n (second local chunk)."""
+    assert case["layout"] == "zigzag" and case["causal"]
+    n = N // world
+    for rank, res in enumerate(results):
+        want = [(n, n)] + [(n, n // 2) if (rank - s) % world < rank else (n // 2, n) for s in range(1, world)]
+        assert res["fwd"] == [("fwd", *w) for w in want], (rank, res["fwd"])
+        assert res["bwd"] == [("bwd", *w) for w in want], (rank, res["bwd"])
 
 
 def _check_subgroups(case, results):
@@ -190,3 +231,32 @@ def test_registered_in_the_registry():
     assert zig.comm_volume is comm_ops
     assert cont.comm_volume(B, 36, H, D, 4, 1, "bf16", True) == comm_ops(B, 36, H, D, 4, 1, "bf16", True,
                                                                          layout="contiguous")
+
+
+def test_bench_attention_runs_torch_ring_beside_ours(tmp_path, monkeypatch):
+    """The CPU benchmark (tiny, P = 2): torch's own ring runs beside ours where this torch has it (else one skip
+    line), both match SDPA, send the same bytes (ours counted by comm, torch's from its functional collectives),
+    make P kernel calls per pass; each record names its command and machine and the fastest ring."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_attention.py"
+    spec = importlib.util.spec_from_file_location("bench_attention", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_attention", bench)  # the spawned ranks import its worker by this name
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.jsonl"
+    argv = ["--world", "2", "--seq", "64", "--heads", "2", "--head-dim", "16", "--repeats", "2", "--warmup", "0",
+            "--algorithms", "ring", "--timeout", "120", "--out", str(out)]
+    assert bench.main(argv) == 0
+    rows = {r["algorithm"]: r for r in map(json.loads, out.read_text().splitlines())}
+    has_torch_ring = bench.peer_rings._torch_cp()[1] is None
+    assert set(rows) == ({"ring", "torch_ring", "torch_ring_a2a"} if has_torch_ring else {"ring"})
+    for r in rows.values():
+        assert r["check_ok"] and r["kernel_calls_fwd"] == r["kernel_calls_bwd"] == 2, r
+        assert r["bytes_fwd_bwd"] == rows["ring"]["bytes_fwd_bwd"] > 0
+        assert r["command"].endswith(" ".join(argv)) and "torch" in r["machine"]
+        assert r["vs_fastest_ring"] in rows and min(x["time_fwd_bwd_s"] for x in rows.values()) == \
+            rows[r["vs_fastest_ring"]]["time_fwd_bwd_s"]

@@ -38,7 +38,9 @@ Steps: (B0) delta_p = rowsum(dout_p * out_p) of this rank's own rows (fp32), the
 (B3) ONE kernels.attn_backward(do_g, q_g, k_g, v_g, lse_g, delta_g, q_pos, k_pos) with the GLOBAL lse and delta of
 the rows; (B4) row reduce-scatter (sum, fp32) of dq_g to the owners (row m -> column m mod C); (B5) column
 reduce-scatter (sum, fp32) of the stacked (dk_g, dv_g) to their row-major owners (key m -> row m mod R); (B6) the
-inverse of the L1 permutation, back to the cyclic layout; cast to the input dtypes. Everything is O(N/sqrt(P))
+inverse of the L1 permutation, back to the cyclic layout; cast to the input dtypes. On grids with C = 1 (1 x 1 included) B0, B1 and B4
+move nothing: the block's rows are this rank's own, so the kernel takes out itself (no delta, no stand-in), and
+with R = 1 B2 and B5 are skipped too: on a 1 x 1 grid Attention2D is one kernel call each way. Everything is O(N/sqrt(P))
 rows per rank. Sending delta (1 scalar per row) instead of out (D per row) makes B1 (C-1)(N/P)(2D e + 2 l) bytes
 per head instead of (C-1)(N/P)(3D e + l). The kernel APIs take out, not delta: kernels.out_for_delta builds a
 stand-in out' with rowsum(dO * out') = delta for them (see its docstring for why that is exact and safe).
@@ -119,7 +121,10 @@ def kv_to_row_major(k_p: torch.Tensor, v_p: torch.Tensor, grid: ProcessGrid) -> 
 
 
 def gather_kv(k_t: torch.Tensor, v_t: torch.Tensor, grid: ProcessGrid, op: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Algorithm 1 L3: column all-gather of the stacked (k_t, v_t) -> k_g, v_g, positions Span(c, C, N/C)."""
+    """Algorithm 1 L3: column all-gather of the stacked (k_t, v_t) -> k_g, v_g, positions Span(c, C, N/C).
+    A column of one rank (R = 1) gathers nothing: k_t, v_t themselves (no stacking copy)."""
+    if grid.rows == 1:
+        return k_t, v_t
     kv_t = torch.stack([k_t, v_t]).unsqueeze(0)  # (1, 2, B, N/P, H, D)
     kv_g = comm.all_gather(kv_t, grid.col_group, dim=0, op=op)  # (R, 2, B, N/P, H, D)
     k_g, v_g = _to_position_order(kv_g).unbind(0)  # (B, N/C, H, D) each
@@ -130,8 +135,11 @@ def row_reduce_scatter(out_g: torch.Tensor, lse_g: torch.Tensor, grid: ProcessGr
     """Algorithm 7 (Sec. 3.3) as one all_to_all + a C-way AttnFix merge (fp32) of this rank's query rows.
 
     out_g (B, N/R, H, D), lse_g (B, H, N/R): partials of all queries of the grid row against this column's keys.
-    Returns out_p (B, N/P, H, D) and lse_p (B, H, N/P) in fp32 (fp64 for fp64 inputs), final for this rank's rows."""
+    Returns out_p (B, N/P, H, D) and lse_p (B, H, N/P) in fp32 (fp64 for fp64 inputs), final for this rank's rows;
+    a row of one rank (C = 1) has nothing to merge: out_g (its dtype) and lse_g as they are."""
     cols = grid.cols
+    if cols == 1:
+        return out_g, lse_g
     b, lq, h, d = out_g.shape
     out_blocks = out_g.reshape(b, lq // cols, cols, h, d)  # (B, N/P, C, H, D): row m = j*C + c' -> p(r, c')
     lse_blocks = lse_g.reshape(b, h, lq // cols, cols)  # (B, H, N/P, C)
@@ -164,6 +172,12 @@ def attention2d_backward(dout_p, q_p, k_t, v_t, out_p, lse_p, grid: ProcessGrid,
     """Backward of Attention2D-NO (derived, see the module docstring): (dq_p, dk_p, dv_p) in fp32 (fp64)."""
     b, n, h, d = q_p.shape
     seq_len, rows, cols = n * grid.size, grid.rows, grid.cols
+    q_pos, k_pos = _spans(grid, seq_len)
+    if cols == 1:  # a row of one rank: its own rows are the whole block row; out is here, no delta, nothing to scatter
+        k_g, v_g = gather_kv(k_t, v_t, grid, op="kv_col_all_gather_bwd")  # B2: (B, N, H, D) on a 1 x 1 grid
+        dq_p, dk_g, dv_g = kernels.attn_backward(dout_p, q_p, k_g, v_g, out_p, lse_p, causal=causal, q_pos=q_pos,
+                                                 k_pos=k_pos)  # B3
+        return (dq_p, *_scatter_dkv(dk_g, dv_g, k_t, grid))  # B5, B6
     delta_p = kernels.row_delta(dout_p, out_p)  # B0: rowsum(dout * out) of this rank's rows, (B, H, N/P) fp32
     # B1: one row all-gather of (lse, delta, q, dout), widest dtype first
     like = [lse_p, delta_p, q_p, dout_p]
@@ -175,12 +189,22 @@ def attention2d_backward(dout_p, q_p, k_t, v_t, out_p, lse_p, grid: ProcessGrid,
     # B2: K/V column all-gather again
     k_g, v_g = gather_kv(k_t, v_t, grid, op="kv_col_all_gather_bwd")  # (B, N/C, H, D) each
     # B3: the local block backward with the global lse and delta of the rows
-    q_pos, k_pos = _spans(grid, seq_len)
     dq_g, dk_g, dv_g = kernels.attn_backward(do_g, q_g, k_g, v_g, None, lse_g, delta=delta_g, causal=causal,
                                              q_pos=q_pos, k_pos=k_pos)
     # B4: row reduce-scatter of dq: row m = j*C + c' of q_g belongs to p(r, c')
     dq_blocks = dq_g.reshape(b, n, cols, h, d)  # (B, N/P, C, H, D)
     dq_p = comm.reduce_scatter([dq_blocks[:, :, i] for i in range(cols)], grid.row_group, op="dq_row_reduce_scatter")
+    return (dq_p, *_scatter_dkv(dk_g, dv_g, k_t, grid))  # B5, B6
+
+
+def _scatter_dkv(dk_g, dv_g, k_t, grid: ProcessGrid):
+    """B5 + B6 of the backward: column reduce-scatter of (dk_g, dv_g) (B, N/C, H_kv, D) to the row-major owners,
+    then the inverse of Alg. 1 L1 -> (dk_p, dv_p) in the cyclic layout. A column of one rank (R = 1, where the
+    permutation is the identity too) has nothing to move: dk_g, dv_g as they are."""
+    rows = grid.rows
+    if rows == 1 and not kv_moves(grid.row, grid.col, rows, grid.cols):
+        return dk_g, dv_g
+    b, n, d = k_t.shape[0], k_t.shape[1], k_t.shape[3]
     # B5: column reduce-scatter of (dk, dv): key m = j*R + r' of k_g belongs to p(r', c) (row-major layout)
     dkv_blocks = torch.stack([dk_g, dv_g]).reshape(2, b, n, rows, k_t.shape[2], d)  # (2, B, N/P, R, H_kv, D)
     dkv_t = comm.reduce_scatter([dkv_blocks[:, :, :, i] for i in range(rows)], grid.col_group,
@@ -188,7 +212,7 @@ def attention2d_backward(dout_p, q_p, k_t, v_t, out_p, lse_p, grid: ProcessGrid,
     # B6: inverse of Alg. 1 L1: back to the column-major cyclic layout
     dkv_p = permute_kv(dkv_t, grid, op="dkv_to_col_major", inverse=True)  # (2, B, N/P, H, D)
     dk_p, dv_p = dkv_p.unbind(0)
-    return dq_p, dk_p, dv_p
+    return dk_p, dv_p
 
 
 class Attention2DFunction(torch.autograd.Function):

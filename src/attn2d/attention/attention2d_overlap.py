@@ -13,7 +13,7 @@ Forward (Algorithm 4):
   L3  post the first Q shift along the grid row (send q_p left, receive the right neighbour's) [op q_row_ring]
   L4  Alg. 5 GTHRCMPT: K/V ring up the grid column (send up, receive from below), overlapped with own q_p
       (positions Span(r + c*R, P, n)) against each arriving block of grid row r' (Span(c + r'*C, P, n)),
-      merged on the fly in fp32 (merge_partials).                                          [op kv_col_gather]
+      merged on the fly in fp32, in place (merge.merge_into).                                          [op kv_col_gather]
       k_g, v_g = the R blocks in block order: positions (Span(c + r'*C, P, n) for r' < R), the keys == c (mod C).
   L6  Alg. 6 GTHRCMPTSCTR: at step i = 1..C-1 this rank holds the Q block of column (c+i) % C (double buffered,
       the next one already in flight), computes it against k_g, adds the partial (out, lse) received from the
@@ -74,7 +74,7 @@ from attn2d.attention import kernels
 from attn2d.attention.checks import check_call
 from attn2d.attention.common import acc_dtype, check_grid_shards, grid_rank, kv_moves, permute_kv, recv_like, wire_bytes
 from attn2d.attention.layout import Span
-from attn2d.attention.merge import merge_partials
+from attn2d.attention.merge import merge_into, merge_partials
 from attn2d.distributed import comm
 from attn2d.distributed.comm import CommOp
 from attn2d.distributed.grid import ProcessGrid, check_seq_len
@@ -129,7 +129,10 @@ def gather_compute(q_p, kv_t, grid: ProcessGrid, causal: bool):
                                     group=grid.col_group)
         src = (r + i) % R
         o_i, l_i = kernels.attn_forward(q_p, kv[0], kv[1], causal=causal, q_pos=q_pos, k_pos=Span(c + src * C, P, n))
-        out, lse = (o_i, l_i) if i == 0 else merge_partials([out, o_i], [lse, l_i])  # Alg. 5 L6 (fp32)
+        if i == 0:
+            out, lse = o_i.to(acc_dtype(q_p.dtype)), l_i  # the running fp32 accumulator
+        else:
+            merge_into(out, lse, o_i, l_i)  # Alg. 5 L6 (fp32, in place)
         blocks[src] = kv
     kv_g = torch.cat(blocks, dim=2)  # (2, B, N/C, H, D): rows [r'n, (r'+1)n) = block of grid row r'
     return kv_g, out, lse
@@ -185,7 +188,7 @@ def _forward(q_p, k_p, v_p, grid: ProcessGrid, causal: bool):
     if C > 1:
         h_g.wait()  # Alg. 4 L5
         out2, lse2 = gather_compute_scatter(q_n, kv_g, grid, causal, q_p.dtype)  # Alg. 4 L6
-        out1, lse1 = merge_partials([out1, out2], [lse1, lse2])  # Alg. 4 L7
+        merge_into(out1, lse1, out2, lse2)  # Alg. 4 L7, in place (fp32)
     lse_p = lse1.to(acc_dtype(q_p.dtype))
     return out1.to(q_p.dtype), lse_p, kv_t  # Alg. 4 L8
 

@@ -49,8 +49,14 @@ def _bhld(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2)  # (B, L, H, D) <-> (B, H, L, D)
 
 
-def _fix_empty(out: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor | None):
-    """Rows with no visible key (per mask, or lse +inf / NaN from the kernel) -> lse -inf, out 0."""
+def _fix_empty(out: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor | None, n_k: int | None = None,
+               causal_bottom_right: bool = False):
+    """Rows with no visible key (per mask, or lse +inf / NaN from the kernel) -> lse -inf, out 0.
+
+    Given n_k (keys of the call), it returns (out, lse) untouched where no row can lack a key: no mask, n_k >= 1, and
+    not a bottom-right causal call with more queries than keys (the planner's calls; 4 full-size ops saved)."""
+    if mask is None and n_k is not None and n_k >= 1 and not (causal_bottom_right and n_k < out.shape[1]):
+        return out, lse
     bad = ~torch.isfinite(lse)  # (B, H, Lq)
     if mask is not None:
         bad = bad | ~mask.any(-1)  # (B, H, Lq) | (Lq,)
@@ -116,7 +122,7 @@ def cpu_flash_forward(q, k, v, *, scale, causal, mask):
     bias = None if mask is None else _additive(mask, q.dtype)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         _bhld(q), _bhld(k), _bhld(v), 0.0, causal, attn_mask=bias, scale=scale)  # (B, H, Lq, D), (B, H, Lq)
-    return _fix_empty(_bhld(out), _lse_of(lse), mask)
+    return _fix_empty(_bhld(out), _lse_of(lse), mask, k.shape[1])
 
 
 def cpu_flash_backward(dout, q, k, v, out, lse, *, scale, causal, mask):
@@ -160,7 +166,7 @@ def cuda_flash_forward(q, k, v, *, scale, causal, mask):
     """torch's FlashAttention-2 op; causal is bottom-right for Lq != Lk. Not run on a GPU here."""
     res = torch.ops.aten._scaled_dot_product_flash_attention(
         _bhld(q), _bhld(k), _bhld(v), 0.0, causal, False, scale=scale)  # 9 outputs: out, lse (B, H, Lq) fp32, ...
-    return _fix_empty(_bhld(res[0]), res[1].float(), None)
+    return _fix_empty(_bhld(res[0]), res[1].float(), None, k.shape[1], causal)
 
 
 def cuda_flash_backward(dout, q, k, v, out, lse, *, scale, causal, mask):
@@ -183,7 +189,7 @@ def cuda_efficient_forward(q, k, v, *, scale, causal, mask):
     """Memory-efficient (cutlass) op; causal is top-left; lse comes padded along L. Not run on a GPU here."""
     out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
         _bhld(q), _bhld(k), _bhld(v), _bias(mask, q, k), True, 0.0, causal, scale=scale)[:2]
-    return _fix_empty(_bhld(out), lse[..., : q.shape[1]].float(), mask)  # lse (B, H, ceil32(Lq)) -> (B, H, Lq)
+    return _fix_empty(_bhld(out), lse[..., : q.shape[1]].float(), mask, k.shape[1])  # lse (B, H, ceil32(Lq)) -> (B, H, Lq)
 
 
 def cuda_efficient_backward(dout, q, k, v, out, lse, *, scale, causal, mask):
@@ -207,7 +213,7 @@ def cudnn_forward(q, k, v, *, scale, causal, mask):
         _bhld(q), _bhld(k), _bhld(v), _bias(mask, q, k), True, 0.0, causal, False, scale=scale)
     _CUDNN_LSE_DIM[:] = [res[1].dim()]
     b, n_q, h, _ = q.shape
-    return _fix_empty(_bhld(res[0]), res[1].reshape(b, h, n_q).float(), mask)  # lse (B, H, Lq[, 1]) -> (B, H, Lq)
+    return _fix_empty(_bhld(res[0]), res[1].reshape(b, h, n_q).float(), mask, k.shape[1])  # lse (B, H, Lq[, 1]) -> (B, H, Lq)
 
 
 def cudnn_backward(dout, q, k, v, out, lse, *, scale, causal, mask):
@@ -250,7 +256,7 @@ def flash_attn_forward(q, k, v, *, scale, causal, mask):
     fai, _ = _flash_attn()
     out, lse, _ = fai.flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=scale, causal=causal,
                                       return_attn_probs=True)  # out (B, Lq, H, D), lse (B, H, Lq); +inf = empty
-    return _fix_empty(out, lse.float(), None)
+    return _fix_empty(out, lse.float(), None, k.shape[1], causal)
 
 
 def flash_attn_backward(dout, q, k, v, out, lse, *, scale, causal, mask):

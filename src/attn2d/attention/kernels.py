@@ -10,17 +10,26 @@ The backward takes the final (merged) out and lse of the whole row, and the inco
 block's contribution dq, dk, dv in float32 (float64 for float64 inputs): the usual trick that lets blocks be
 differentiated independently, since P_block = exp(S_block - lse_global) and delta = rowsum(dout * out_global).
 
-How a causal block is computed (span-pair decomposition, decided from the Spans alone, no tensor is read):
-every (q span, k span) pair is fully masked (skipped: no call), fully visible (one unmasked call), or split by
-`_pair_pieces` into: rows before the first key (empty, never computed), an offset-causal part and a fully visible
-tail. With equal steps the offset-causal part is exactly a bottom-right causal call (Lk = Lq + d; the stripe trick
-"q[1:] vs k[:-1]" is the case d = 0 after dropping row 0); backends whose causal flag is top-left get it as an
-unmasked call on the first d keys plus a square causal call. Different steps (cyclic layouts of non-square grids,
-e.g. q step 2, k step 3) are re-strided to lcm(steps): strided sub-spans of rows and keys with equal steps, each
-pair offset-causal (`_restrided_pieces`), so no mask and half the rectangle's work; an explicit boolean mask is
-left only for pairs that would need more than MAX_RESTRIDE_PAIRS sub-span pairs. Rows met by several pieces are
-merged with merge_partials;
-the backward runs the same pieces and sums dq over them. Non-causal blocks are one unmasked call.
+How a causal block is computed (decided from the Spans alone, once per (spans, sizes, backend kind): cached).
+First the row-profile plan (`_prefix_pieces`): when the keys' positions increase and the queries' do not decrease,
+every row sees a prefix of the keys, and each run of rows whose visible-key count is constant (one unmasked call)
+or grows by one per row (one causal call) is one backend call, on disjoint rows (no merging). A zigzag or
+contiguous ring step and a square-grid Attention2D block are each exactly one call this way. Otherwise (or when
+that needs more calls) the span-pair decomposition: every (q span, k span) pair is fully masked (skipped: no call),
+fully visible (one unmasked call), or split by `_pair_pieces` into: rows before the first key (empty, never
+computed), an offset-causal part and a fully visible tail. With equal steps the offset-causal part is exactly a
+bottom-right causal call (Lk = Lq + d; the stripe trick "q[1:] vs k[:-1]" is the case d = 0 after dropping row 0);
+backends whose causal flag is top-left get it as an unmasked call on the first d keys plus a square causal call.
+Different steps (cyclic layouts of non-square grids, e.g. q step 2, k step 3) are re-strided to lcm(steps):
+strided sub-spans of rows and keys with equal steps, each pair offset-causal (`_restrided_pieces`), so no mask and
+half the rectangle's work; an explicit boolean mask is left only for pairs that would need more than
+MAX_RESTRIDE_PAIRS sub-span pairs. Rows met by several pieces are merged in place in fp32 (merge.merge_into); the
+backward runs the same pieces and sums dq over them. Non-causal blocks are one unmasked call. A plan that is one
+piece over the whole block returns the backend's output as is (no buffer, no copy).
+
+Entry points: attn_forward / attn_backward (a block's result), and for a caller that keeps running accumulators
+(Ring Attention) attn_forward_into (merge into (out, lse) in place, only the rows the pieces touch) and
+attn_backward_into (dq added in place, key gradients handed back per piece). 
 
 Backends (backends.py): "math" (materialises scores; everywhere-correct, fp64), "cpu_flash", "cuda_flash",
 "cuda_efficient", "cudnn", "flash_attn". backend="auto" (or env ATTN2D_KERNEL_BACKEND) picks the first backend of
@@ -31,6 +40,7 @@ its masks to cuda_efficient); a named backend keeps them if it supports masks, e
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
@@ -40,7 +50,7 @@ import torch
 
 from attn2d.attention.backends import BACKENDS, acc_dtype, preference
 from attn2d.attention.layout import Span, Spans, spans_tensor
-from attn2d.attention.merge import merge_partials
+from attn2d.attention.merge import merge_into
 
 ENV_VAR = "ATTN2D_KERNEL_BACKEND"
 _acc_dtype = acc_dtype  # the foundation's name, kept for existing callers
@@ -174,60 +184,205 @@ def _restrided_pieces(Q: Span, K: Span, qo: int, ko: int, bottom_right: bool) ->
     return out
 
 
-def block_pieces(q_pos, k_pos, n_q: int, n_k: int, *, causal: bool, bottom_right: bool = True) -> list[Piece]:
-    """The backend calls for one block (see the module docstring). Pure: reads only the Spans."""
-    if not causal:
-        return [Piece(0, n_q, 0, n_k, "full")] if n_q and n_k else []
+MAX_PREFIX_PIECES = 4  # a row-profile plan with more pieces than this is left to the span-pair decomposition
+
+
+def _increasing(spans: Spans, strict: bool) -> bool:
+    """True if the positions of `spans`, in block order, never decrease (strict: always increase)."""
+    last = None
+    for s in spans:
+        if s.n == 0:
+            continue
+        if s.n > 1 and s.step <= 0:
+            return False
+        if last is not None and (s.start < last or (strict and s.start == last)):
+            return False
+        last = s.last
+    return True
+
+
+def _prefix_pieces(Q: Spans, K: Spans, n_q: int, n_k: int, bottom_right: bool) -> list[Piece] | None:
+    """Pieces on disjoint row ranges from the row profile f(i) = number of keys row i sees, when the keys increase
+    (so every row sees a prefix [0, f(i)) of the block's keys) and the queries do not decrease (f does not
+    decrease, rows with f = 0 come first). A run of rows with constant f is one unmasked call on keys [0, f); a run
+    where f grows by 1 per row is one causal call (bottom-right: keys [0, f_last); top-left backends: square from
+    key f_first - 1, plus an unmasked call on the keys before it when f_first > 1). None when the keys do not
+    increase, the queries decrease, or more than MAX_PREFIX_PIECES pieces would be needed. This is what makes a
+    zigzag ring step, a contiguous one or a square-grid Attention2D block exactly one call."""
+    if not (_increasing(K, strict=True) and _increasing(Q, strict=False)):
+        return None
+    f = torch.searchsorted(spans_tensor(K), spans_tensor(Q), right=True)  # (n_q,) keys visible per row
+    a = int((f == 0).sum())  # rows [0, a) see no key
+    if a == n_q:
+        return []
+    g = f[a:]
+    d = g[1:] - g[:-1]  # (n_q - a - 1,) >= 0
+    vals, counts = torch.unique_consecutive(d, return_counts=True)
+    if len(vals) > 2 * MAX_PREFIX_PIECES + 1:
+        return None
+    runs, fl = list(zip(vals.tolist(), counts.tolist())), g.tolist()
+    segments, s, kind, p = [], 0, None, 0  # rows [s, p] of g form the open segment; its diffs are all `kind`
+    for v, c in runs:
+        while c > 0:
+            if v in (0, 1) and kind in (None, v):  # the whole run extends the open segment
+                kind, p, c = v, p + c, 0
+            else:  # the diff between rows p and p + 1 breaks the segment
+                segments.append((s, p, kind))
+                s, p, kind, c = p + 1, p + 1, None, c - 1
+            if len(segments) > MAX_PREFIX_PIECES:
+                return None
+    segments.append((s, p, kind))
+    out = []
+    for s, e, kind in segments:
+        r0, r1, f0 = a + s, a + e + 1, fl[s]
+        if kind == 1 and e > s:
+            if bottom_right or f0 == 1:
+                out.append(Piece(r0, r1, 0, f0 + e - s, "causal"))
+            else:  # top-left backends: the first f0 - 1 keys are visible to every row, then a square
+                out += [Piece(r0, r1, 0, f0 - 1, "full"), Piece(r0, r1, f0 - 1, f0 + e - s, "causal")]
+        else:
+            out.append(Piece(r0, r1, 0, f0, "full"))
+    return out if len(out) <= MAX_PREFIX_PIECES else None
+
+
+def _pair_plan(Q: Spans, K: Spans, bottom_right: bool) -> list[Piece]:
     pieces, qo = [], 0
-    for Q in _norm_spans(q_pos, n_q):
+    for q_span in Q:
         ko = 0
-        for K in _norm_spans(k_pos, n_k):
-            pieces += _pair_pieces(Q, K, qo, ko, bottom_right)
-            ko += K.n
-        qo += Q.n
+        for k_span in K:
+            pieces += _pair_pieces(q_span, k_span, qo, ko, bottom_right)
+            ko += k_span.n
+        qo += q_span.n
     return pieces
 
 
+def block_pieces(q_pos, k_pos, n_q: int, n_k: int, *, causal: bool, bottom_right: bool = True) -> list[Piece]:
+    """The backend calls for one block (see the module docstring). Pure: reads only the Spans. Causal blocks take
+    the row-profile plan (`_prefix_pieces`: one call per run of rows, no merging) where it applies and needs no
+    more calls than the span-pair decomposition, else the span-pair decomposition."""
+    return list(_block_pieces(_norm_key(q_pos), _norm_key(k_pos), n_q, n_k, causal, bottom_right))
+
+
+def _norm_key(pos):
+    """Spans in a hashable form (a list becomes a tuple) for the plan cache."""
+    return tuple(pos) if isinstance(pos, list) else pos
+
+
+@functools.lru_cache(maxsize=4096)
+def _block_pieces(q_pos, k_pos, n_q: int, n_k: int, causal: bool, bottom_right: bool) -> tuple[Piece, ...]:
+    if not causal:
+        return (Piece(0, n_q, 0, n_k, "full"),) if n_q and n_k else ()
+    Q, K = _norm_spans(q_pos, n_q), _norm_spans(k_pos, n_k)
+    pairs = _pair_plan(Q, K, bottom_right)
+    prefix = _prefix_pieces(Q, K, n_q, n_k, bottom_right) if n_q and n_k else None
+    return tuple(prefix if prefix is not None and len(prefix) <= len(pairs) else pairs)
+
+
 # ---------------------------------------------------------------- running the pieces
+@dataclass(frozen=True)
+class _Schedule:
+    """What running a tuple of pieces needs beyond the pieces, derived once per plan (cached): whether each piece's
+    rows (keys) were met by an earlier piece (merge / add) or not (write / copy), and whether the buffers may start
+    uninitialised (every row (key) written by some piece, and no piece meeting earlier pieces only in part)."""
+
+    q_seen: tuple[bool, ...]
+    k_seen: tuple[bool, ...]
+    rows_written: bool  # the out / lse / dq buffers need no initial fill
+    keys_written: bool  # the dk / dv buffers need no initial fill
+    whole: bool  # one piece over every row and key: the backend's own output is the result
+
+
+def _first_writes(slices, n: int) -> tuple[tuple[bool, ...], bool]:
+    seen_by, flags, clean = [False] * n, [], True
+    for sl, m in slices:
+        hit = seen_by[sl]
+        flags.append(any(hit))
+        clean = clean and (all(hit) or not any(hit))
+        seen_by[sl] = [True] * m
+    return tuple(flags), clean and all(seen_by)
+
+
+@functools.lru_cache(maxsize=4096)
+def _schedule(pieces: tuple[Piece, ...], n_q: int, n_k: int) -> _Schedule:
+    q_seen, rows_written = _first_writes([(p.rows, p.n_q) for p in pieces], n_q)
+    k_seen, keys_written = _first_writes([(p.keys, p.n_k) for p in pieces], n_k)
+    whole = len(pieces) == 1 and pieces[0].n_q == n_q and pieces[0].n_k == n_k
+    return _Schedule(q_seen, k_seen, rows_written, keys_written, whole)
+
+
+def _call_forward(impl, mask_impl, p: Piece, q, k, v, scale):
+    b = mask_impl if p.kind == "mask" else impl
+    return b.forward(q, k, v, scale=scale, causal=p.kind == "causal",
+                     mask=p.mask(q.device) if p.kind == "mask" else None)
+
+
+def _call_backward(impl, mask_impl, p: Piece, dout, q, k, v, out, lse, scale):
+    b = mask_impl if p.kind == "mask" else impl
+    return b.backward(dout, q, k, v, out, lse, scale=scale, causal=p.kind == "causal",
+                      mask=p.mask(q.device) if p.kind == "mask" else None)
+
+
 def _forward_pieces(q, k, v, pieces, scale, impl, mask_impl):
     acc = acc_dtype(q.dtype)
     b, n_q, h, d = q.shape
-    if len(pieces) == 1 and pieces[0].n_q == n_q:
+    pieces = tuple(pieces)
+    sch = _schedule(pieces, n_q, k.shape[1])
+    if sch.whole:
         p = pieces[0]
-        o, l = (mask_impl if p.kind == "mask" else impl).forward(
-            q, k[:, p.keys], v[:, p.keys], scale=scale, causal=p.kind == "causal",
-            mask=p.mask(q.device) if p.kind == "mask" else None)
+        o, l = _call_forward(impl, mask_impl, p, q, k[:, p.keys], v[:, p.keys], scale)
         return o.to(q.dtype), l.to(acc)
-    out = torch.zeros(b, n_q, h, d, dtype=acc, device=q.device)  # (B, Lq, H, D)
-    lse = torch.full((b, h, n_q), -math.inf, dtype=acc, device=q.device)  # (B, H, Lq)
-    covered = [False] * n_q  # rows some piece has written already
-    for p in pieces:
-        o, l = (mask_impl if p.kind == "mask" else impl).forward(
-            q[:, p.rows], k[:, p.keys], v[:, p.keys], scale=scale, causal=p.kind == "causal",
-            mask=p.mask(q.device) if p.kind == "mask" else None)
-        if any(covered[p.rows]):  # rows already met by another piece: merge
-            o, l = merge_partials([out[:, p.rows], o], [lse[:, :, p.rows], l])
-        out[:, p.rows] = o
-        lse[:, :, p.rows] = l
-        covered[p.rows] = [True] * p.n_q
+    merges = any(sch.q_seen)
+    alloc = torch.empty if sch.rows_written else torch.zeros
+    out = alloc(b, n_q, h, d, dtype=acc if merges else q.dtype, device=q.device)  # (B, Lq, H, D)
+    lse = torch.empty(b, h, n_q, dtype=acc, device=q.device)  # (B, H, Lq)
+    if not sch.rows_written:
+        lse.fill_(-math.inf)  # rows no piece touches see no key
+    for p, seen in zip(pieces, sch.q_seen):
+        o, l = _call_forward(impl, mask_impl, p, q[:, p.rows], k[:, p.keys], v[:, p.keys], scale)
+        if seen:
+            merge_into(out[:, p.rows], lse[:, :, p.rows], o, l, empty_rows=p.kind == "mask")
+        else:
+            out[:, p.rows] = o
+            lse[:, :, p.rows] = l
     return out.to(q.dtype), lse
 
 
 def _backward_pieces(dout, q, k, v, out, lse, pieces, scale, impl, mask_impl):
     acc = acc_dtype(q.dtype)
-    lse = lse.to(acc).masked_fill(lse == -math.inf, math.inf)  # empty rows: P = exp(S - inf) = 0, not NaN
-    dq = torch.zeros(q.shape, dtype=acc, device=q.device)  # (B, Lq, H, D)
-    dk = torch.zeros(k.shape, dtype=acc, device=q.device)  # (B, Lk, H, D)
-    dv = torch.zeros(v.shape, dtype=acc, device=q.device)
-    for p in pieces:
+    lse = lse_for_backward(lse)
+    pieces = tuple(pieces)
+    sch = _schedule(pieces, q.shape[1], k.shape[1])
+    if sch.whole:
+        p = pieces[0]
+        return tuple(g.to(acc) for g in _call_backward(impl, mask_impl, p, dout, q, k[:, p.keys], v[:, p.keys], out,
+                                                       lse, scale))
+    alloc_q = torch.empty if sch.rows_written else torch.zeros
+    alloc_k = torch.empty if sch.keys_written else torch.zeros
+    dq = alloc_q(q.shape, dtype=acc, device=q.device)  # (B, Lq, H, D)
+    dk = alloc_k(k.shape, dtype=acc, device=q.device)  # (B, Lk, H, D)
+    dv = alloc_k(v.shape, dtype=acc, device=q.device)
+    for p, q_seen, k_seen in zip(pieces, sch.q_seen, sch.k_seen):
         rows, keys = p.rows, p.keys
-        g = (mask_impl if p.kind == "mask" else impl).backward(
-            dout[:, rows], q[:, rows], k[:, keys], v[:, keys], out[:, rows], lse[:, :, rows], scale=scale,
-            causal=p.kind == "causal", mask=p.mask(q.device) if p.kind == "mask" else None)
-        dq[:, rows] += g[0]
-        dk[:, keys] += g[1]
-        dv[:, keys] += g[2]
+        g = _call_backward(impl, mask_impl, p, dout[:, rows], q[:, rows], k[:, keys], v[:, keys], out[:, rows],
+                           lse[:, :, rows], scale)
+        if q_seen:
+            dq[:, rows].add_(g[0])
+        else:
+            dq[:, rows] = g[0]
+        if k_seen:
+            dk[:, keys].add_(g[1])
+            dv[:, keys].add_(g[2])
+        else:
+            dk[:, keys] = g[1]
+            dv[:, keys] = g[2]
     return dq, dk, dv
+
+
+def lse_for_backward(lse: torch.Tensor) -> torch.Tensor:
+    """The lse the backends' backward takes: accumulation dtype, +inf (not -inf) on rows that see no key, so that
+    P = exp(S - lse) is 0 there instead of NaN. Returns lse itself when there is nothing to change."""
+    lse = lse.to(acc_dtype(lse.dtype))
+    return lse.masked_fill(lse == -math.inf, math.inf)
 
 
 # ---------------------------------------------------------------- choosing a backend
@@ -337,7 +492,8 @@ def _named(backend: str) -> bool:
 def _plan(q, k, causal, q_pos, k_pos, backend):
     dev, dt, hd = q.device, q.dtype, q.shape[-1]
     impl = BACKENDS[resolve_backend(backend, device=dev, dtype=dt, head_dim=hd)]
-    pieces = block_pieces(q_pos, k_pos, q.shape[1], k.shape[1], causal=causal, bottom_right=impl.causal_bottom_right)
+    pieces = _block_pieces(_norm_key(q_pos), _norm_key(k_pos), q.shape[1], k.shape[1], bool(causal),
+                           impl.causal_bottom_right)  # cached: planned once per (spans, sizes, backend kind)
     mask_impl = impl
     if any(p.kind == "mask" for p in pieces) and not (impl.supports_mask and _named(backend)):
         mask_impl = BACKENDS[_auto(dev, dt, hd, need_mask=True)]  # auto: the first backend whose masks check out
@@ -423,3 +579,45 @@ def attn_backward(dout, q, k, v, out, lse, *, causal: bool, q_pos=None, k_pos=No
     pieces, impl, mask_impl = _plan(q, k, causal, q_pos, k_pos, backend)
     dq, dk, dv = _backward_pieces(dout, q, k, v, out, lse, pieces, scale, impl, mask_impl)
     return dq, _sum_groups(dk, g), _sum_groups(dv, g)
+
+
+def _rows(x: torch.Tensor, sl: slice, dim: int = 1) -> torch.Tensor:
+    """x restricted to the rows `sl` of dimension `dim`; x itself when `sl` is all of them (no view op)."""
+    if sl.start == 0 and sl.step == 1 and sl.stop >= x.shape[dim]:
+        return x
+    return x[(slice(None),) * dim + (sl,)]
+
+
+def attn_forward_into(out, lse, q, k, v, *, causal: bool, q_pos=None, k_pos=None, scale: float | None = None,
+                      backend: str = "auto") -> None:
+    """Merge this block's attention into the running (out, lse) of its query rows, in place: out (B, Lq, H, D) and
+    lse (B, H, Lq) in the accumulation dtype (-inf rows: nothing seen yet). One backend call per piece of the
+    (cached) plan and an in-place fp32 merge of only the rows that piece covers (merge.merge_into)."""
+    _check(q, k, v)
+    k, v, _ = _expand_kv(q, k, v)
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    pieces, impl, mask_impl = _plan(q, k, causal, q_pos, k_pos, backend)
+    for p in pieces:
+        o, l = _call_forward(impl, mask_impl, p, _rows(q, p.rows), _rows(k, p.keys), _rows(v, p.keys), scale)
+        merge_into(_rows(out, p.rows), _rows(lse, p.rows, 2), o, l, empty_rows=p.kind == "mask")
+
+
+def attn_backward_into(dq, dout, q, k, v, out, lse, *, causal: bool, q_pos=None, k_pos=None,
+                       scale: float | None = None, backend: str = "auto") -> list[tuple[slice, torch.Tensor, torch.Tensor]]:
+    """This block's backward with the global out and lse of its rows: dq (B, Lq, H, D, accumulation dtype) is added
+    to in place; the key gradients come back per piece as [(keys, dk, dv)] (keys: a slice of the block's keys; dk,
+    dv (B, |keys|, H_kv, D) in the accumulation dtype) for the caller to add where its dK/dV accumulator lives (the
+    ring adds them to an accumulator that arrives while the kernel runs). lse: as lse_for_backward returns it
+    (converted once per pass by the caller, not per block)."""
+    _check(q, k, v)
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    k, v, g = _expand_kv(q, k, v)
+    pieces, impl, mask_impl = _plan(q, k, causal, q_pos, k_pos, backend)
+    parts = []
+    for p in pieces:
+        rows = p.rows
+        gq, gk, gv = _call_backward(impl, mask_impl, p, _rows(dout, rows), _rows(q, rows), _rows(k, p.keys),
+                                    _rows(v, p.keys), _rows(out, rows), _rows(lse, rows, 2), scale)
+        _rows(dq, rows).add_(gq)
+        parts.append((p.keys, _sum_groups(gk, g), _sum_groups(gv, g)))
+    return parts

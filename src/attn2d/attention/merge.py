@@ -7,6 +7,8 @@ Both combinations are associative and commutative, which is what lets Attention2
 Naive:  out = (exp(lse1) out1 + exp(lse2) out2) / (exp(lse1) + exp(lse2))          (overflows)
 Stable: lse = max + log(sum_i exp(lse_i - max));  out = sum_i exp(lse_i - lse) out_i  (fp32, below)
 A row that sees no key has lse = -inf and out = 0; it carries weight 0 in every merge.
+merge_partials merges k partials into new tensors; merge_into merges one partial into a running (out, lse) in
+place (what Ring Attention and the kernel layer's multi-piece blocks use: no temporaries of the whole block).
 """
 from __future__ import annotations
 
@@ -38,3 +40,15 @@ def merge_partials(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]) -
     out = sum(wi.transpose(1, 2).unsqueeze(-1) * o.to(acc) for wi, o in zip(w, outs))  # (B, L, H, D)
     return out, lse
 
+
+def merge_into(out: torch.Tensor, lse: torch.Tensor, o: torch.Tensor, l: torch.Tensor, empty_rows: bool = True) -> None:
+    """Merge the partial (o, l) into the running (out, lse) in place, in out's dtype (fp32; views of a bigger
+    buffer are fine): lse <- log(e^lse + e^l), out <- out + sigmoid(l - lse_old) (o - out) (the form torch's and
+    ring-flash-attention's rings use). A running row with lse = -inf takes (o, l) as is; a partial row with
+    l = -inf leaves it as it was. empty_rows=False: the caller knows every row of the partial saw a key (l finite),
+    which saves the NaN guard of rows empty on both sides. out (B, L, H, D), lse (B, H, L)."""
+    w = torch.sigmoid(l - lse)  # (B, H, L): weight of the partial
+    if empty_rows:
+        w = w.nan_to_num_(0.0)  # -inf on both sides
+    out.lerp_(o.to(out.dtype), w.transpose(1, 2).unsqueeze(-1))  # w as (B, L, H, 1)
+    torch.logaddexp(lse, l, out=lse)

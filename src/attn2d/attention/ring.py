@@ -7,12 +7,15 @@ holds [k N/P, (k+1) N/P)). Every rank holds n = N/P positions of q, k, v and out
 
 Forward: K and V stacked in one buffer circulate around the ring (send to rank+1, receive from rank-1). At step
 s = 0..P-1 rank i holds the K/V of source rank (i - s) mod P; the exchange for step s+1 is posted BEFORE the
-compute of step s (overlap), P-1 exchanges in all. Each step is one kernels.attn_forward(q, k_blk, v_blk,
-q_pos = my spans, k_pos = the source's spans): the kernel's span decomposition skips fully masked chunk pairs and
-uses plain causal calls where it can, so under causal masking the zigzag layout gives every rank the same work at
-every step (ring-flash-attention's zigzag), while with "contiguous" rank i has work only at steps s <= i. Partial
-(out, lse) are merged in fp32 with merge.merge_partials (AttnFix in log-sum-exp form, Alg. 2). Saved for
-backward: q, k, v, out, lse (all 1/P shards).                                                       [op kv_ring]
+compute of step s (overlap), P-1 exchanges in all, into two alternating preallocated buffers. The steps' positions
+are planned once per (layout, seq_len, rank, P) (`ring_plan`), and the kernel layer plans and caches each step's
+backend calls from them: under causal masking with the zigzag layout every step is ONE kernel call (step 0: a
+causal call on the two local chunks; a source rank below i: all queries against the first received chunk; above
+i: the second local chunk of queries against both received chunks), the same work on every rank at every step
+(ring-flash-attention's zigzag, torch's head-tail load balance); with "contiguous" rank i has work only at steps
+s <= i. Step 0's (out, lse) becomes the fp32 accumulator; every later step is merged into it in place, on only
+the rows it touches (kernels.attn_forward_into: AttnFix in log-sum-exp form, Alg. 2). Saved for backward: q, k,
+v, out, lse (all 1/P shards).                                                                        [op kv_ring]
 
 Backward: every block's gradient uses the GLOBAL out and lse of its query rows (kernels.attn_backward), so blocks
 are independent. K/V circulate again, and fp32 dK/dV accumulators travel with them, one step behind:
@@ -22,8 +25,11 @@ are independent. K/V circulate again, and fp32 dK/dV accumulators travel with th
           (fp32) and, after the wait, adds its dk/dv to the received accumulator of block b.     [op kv_dkv_ring]
   end:    the accumulator of block i+1 now holds every rank's contribution: one last message returns it to its
           owner (the only exposed transfer of the backward).                                   [op dkv_to_owner]
-  The K/V part is the input dtype, the accumulator fp32 (fp64 for fp64 inputs), packed into one uint8 message
-  (comm.pack). The gradients are cast to the input dtypes at the end.
+  The message is one flat byte buffer [accumulator (fp32; fp64 for fp64 inputs) | K/V (input dtype)]; two such
+  buffers alternate, and the one received at step s, after this rank has added its dK/dV into it in place, is
+  exactly what it sends at step s+1 (no packing copy). The kernel of step s runs while that buffer arrives
+  (kernels.attn_backward_into hands back the key gradients, added after the wait). The gradients are cast to the
+  input dtypes at the end.
 
 Per-rank volume (every rank the same; n = N/P, e = bytes of the input dtype, a = 4 (8 for float64)):
   forward  kv_ring       (P-1) 2 B n H D e                 P-1 messages   = 2 (P-1) N H D B e / P ~ 2 N H D B e
@@ -35,15 +41,16 @@ CUDA: nothing here is device specific (batch_isend_irecv through attn2d.distribu
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
-from attn2d.attention import AttentionImpl, kernels, merge, register
+from attn2d.attention import AttentionImpl, kernels, register
 from attn2d.attention.checks import check_call
-from attn2d.attention.common import acc_dtype, check_qkv, check_shapes, recv_like, wire_bytes
+from attn2d.attention.common import acc_dtype, check_qkv, check_shapes, wire_bytes
 from attn2d.attention.layout import Spans, layout_spans
 from attn2d.distributed import comm
 from attn2d.distributed.comm import CommOp
@@ -87,60 +94,95 @@ def step_spans(layout: str, seq_len: int, rank: int, world: int, step: int) -> t
     return layout_spans(layout, seq_len, rank, world, 1), layout_spans(layout, seq_len, (rank - step) % world, world, 1)
 
 
+@functools.lru_cache(maxsize=1024)
+def ring_plan(layout: str, seq_len: int, rank: int, world: int) -> tuple[tuple[Spans, Spans], ...]:
+    """step_spans of every step of this rank, planned once per (layout, seq_len, rank, world). The kernel layer
+    caches the calls each step makes (zigzag, causal: one per step; step 0 one causal call on the two local chunks,
+    a step whose source rank is lower: every query against the first chunk received, else the second local chunk
+    of queries against both chunks received)."""
+    return tuple(step_spans(layout, seq_len, rank, world, s) for s in range(world))
+
+
 # ---------------------------------------------------------------------------------------------- forward loop
 def ring_forward(q, k, v, ring: Ring, causal: bool, layout: str):
-    """Forward ring: out (B, n, H, D) in q's dtype, lse (B, H, n) fp32 (fp64 for fp64 inputs)."""
+    """Forward ring: out (B, n, H, D) in q's dtype, lse (B, H, n) fp32 (fp64 for fp64 inputs).
+
+    K/V circulate in two preallocated buffers (receive into one while computing on the other); the running (out,
+    lse) is accumulated in place in fp32, only on the rows each step touches (kernels.attn_forward_into)."""
     P, i = ring.size, ring.rank
-    seq_len = q.shape[1] * P
-    kv = torch.stack([k, v])  # (2, B, n, H, D): K and V in one message
+    plan = ring_plan(layout, q.shape[1] * P, i, P)
+    if P == 1:
+        return kernels.attn_forward(q, k, v, causal=causal, q_pos=plan[0][0], k_pos=plan[0][1])
+    bufs = (torch.stack([k, v]), torch.empty((2, *k.shape), dtype=k.dtype, device=k.device))  # (2, B, n, H_kv, D)
     out = lse = None
     for s in range(P):
+        kv, spare = bufs[s % 2], bufs[(s + 1) % 2]  # kv: K/V of source rank (i - s) mod P
         handle = None
         if s < P - 1:  # post the exchange for step s+1 before computing step s
-            handle = comm.send_recv([(kv, ring.next)], [(recv_like(kv), ring.prev)], op="kv_ring", async_op=True,
-                                    group=ring.group)  # receives (2, B, n, H, D)
-        q_pos, k_pos = step_spans(layout, seq_len, i, P, s)
-        o, l = kernels.attn_forward(q, kv[0], kv[1], causal=causal, q_pos=q_pos, k_pos=k_pos)
-        out, lse = (o, l) if out is None else merge.merge_partials([out, o], [lse, l])  # fp32 (B, n, H, D)
+            handle = comm.send_recv([(kv, ring.next)], [(spare, ring.prev)], op="kv_ring", async_op=True,
+                                    group=ring.group)
+        q_pos, k_pos = plan[s]
+        if s == 0:
+            out, lse = kernels.attn_forward(q, kv[0], kv[1], causal=causal, q_pos=q_pos, k_pos=k_pos)
+            out = out.to(acc_dtype(q.dtype))  # fp32 (B, n, H, D); the kernel's own output for fp32 inputs
+        else:
+            kernels.attn_forward_into(out, lse, q, kv[0], kv[1], causal=causal, q_pos=q_pos, k_pos=k_pos)
         if handle is not None:
-            kv = handle.wait()[0]  # K/V of source rank (i - s - 1) mod P
+            handle.wait()
     return out.to(q.dtype), lse
 
 
 # ---------------------------------------------------------------------------------------------- backward loop
+class _Message:
+    """One backward ring message buffer: [dK/dV accumulator (acc dtype) | K/V (input dtype)] as flat bytes, with
+    typed views of both parts (acc first: the widest dtype, aligned). Two of them alternate: the one received at
+    step s, after this rank has added its dK/dV, is what it sends at step s+1 (no packing copy)."""
+
+    def __init__(self, kv_shape, dtype, acc, device):
+        n = math.prod(kv_shape)
+        self.raw = torch.empty(n * (acc.itemsize + dtype.itemsize), dtype=torch.uint8, device=device)
+        self.dkv = self.raw[: n * acc.itemsize].view(acc).view(kv_shape)  # (2, B, n, H_kv, D)
+        self.kv = self.raw[n * acc.itemsize:].view(dtype).view(kv_shape)  # (2, B, n, H_kv, D)
+
+    def part(self, s: int, P: int) -> torch.Tensor:
+        """What travels at step s: K/V only (s = 0), dK/dV only (s = P-1), both in between."""
+        return self.kv if s == 0 else self.dkv if s == P - 1 else self.raw
+
+
 def ring_backward(dout, q, k, v, out, lse, ring: Ring, causal: bool, layout: str):
     """Backward ring: (dq, dk, dv) of this rank's shard in fp32 (fp64 for fp64 inputs)."""
     P, i = ring.size, ring.rank
-    seq_len = q.shape[1] * P
+    plan = ring_plan(layout, q.shape[1] * P, i, P)
+    if P == 1:
+        return kernels.attn_backward(dout, q, k, v, out, lse, causal=causal, q_pos=plan[0][0], k_pos=plan[0][1])
     acc = acc_dtype(q.dtype)
-    kv = torch.stack([k, v])  # (2, B, n, H, D)
-    dkv_like = torch.empty(kv.shape, dtype=acc, device=q.device)  # template of one accumulator
-    dq = torch.zeros(q.shape, dtype=acc, device=q.device)  # (B, n, H, D)
-    dkv = None  # accumulator of the block computed at the previous step (complete for every rank before me)
+    kv_shape = (2, *k.shape)
+    bufs = (_Message(kv_shape, k.dtype, acc, q.device), _Message(kv_shape, k.dtype, acc, q.device))
+    torch.stack([k, v], out=bufs[0].kv)  # K/V of my own block
+    lse_b = kernels.lse_for_backward(lse)  # once per pass
+    dq = None
     for s in range(P):
-        sends = ([dkv] if s > 0 else []) + ([kv] if s < P - 1 else [])  # widest dtype first (acc, then kv)
-        handle = like = None
-        if sends:
-            like = ([dkv_like] if s > 0 else []) + ([kv] if s < P - 1 else [])
-            msg = comm.pack(sends) if len(sends) > 1 else sends[0].contiguous()
-            handle = comm.send_recv([(msg, ring.next)], [(recv_like(msg), ring.prev)], op="kv_dkv_ring",
-                                    async_op=True, group=ring.group)
-        q_pos, k_pos = step_spans(layout, seq_len, i, P, s)
-        dq_b, dk_b, dv_b = kernels.attn_backward(dout, q, kv[0], kv[1], out, lse, causal=causal, q_pos=q_pos,
-                                                 k_pos=k_pos)
-        dq += dq_b
-        dkv_b = torch.stack([dk_b, dv_b])  # (2, B, n, H, D) acc dtype: this rank's part of block (i - s)
-        if handle is None:
-            dkv = dkv_b
+        cur, nxt = bufs[s % 2], bufs[(s + 1) % 2]  # cur: K/V of block b = (i - s) mod P (+ acc of block b + 1)
+        handle = comm.send_recv([(cur.part(s, P), ring.next)], [(nxt.part(s, P), ring.prev)], op="kv_dkv_ring",
+                                async_op=True, group=ring.group)  # receives K/V of b - 1 and the acc of block b
+        q_pos, k_pos = plan[s]
+        if s == 0:
+            dq, dk_b, dv_b = kernels.attn_backward(dout, q, cur.kv[0], cur.kv[1], out, lse_b, causal=causal,
+                                                   q_pos=q_pos, k_pos=k_pos)  # dq: fp32 (B, n, H, D), mine
+            handle.wait()
+            nxt.dkv[0].copy_(dk_b)  # the accumulator of my block starts with my contribution
+            nxt.dkv[1].copy_(dv_b)
             continue
-        buf = handle.wait()[0]
-        got = comm.unpack(buf, like) if len(like) > 1 else [buf]
-        dkv = dkv_b + got[0] if s > 0 else dkv_b  # accumulator of block (i - s): ranks (i - s) .. i
-        if s < P - 1:
-            kv = got[-1]  # K/V of block (i - s - 1)
-    if P > 1:  # the accumulator of block i+1 is complete: return it to its owner, receive mine
-        dkv = comm.send_recv([(dkv, ring.next)], [(recv_like(dkv), ring.prev)], op="dkv_to_owner", group=ring.group)[0]
-    return dq, dkv[0], dkv[1]
+        parts = kernels.attn_backward_into(dq, dout, q, cur.kv[0], cur.kv[1], out, lse_b, causal=causal,
+                                           q_pos=q_pos, k_pos=k_pos)
+        handle.wait()
+        for keys, dk_b, dv_b in parts:  # add my part to the accumulator of block b (ranks b .. i-1 so far)
+            nxt.dkv[0][:, keys].add_(dk_b)
+            nxt.dkv[1][:, keys].add_(dv_b)
+    # the accumulator of block i+1 is complete: return it to its owner, receive mine
+    done, free = bufs[P % 2], bufs[(P + 1) % 2]
+    comm.send_recv([(done.dkv, ring.next)], [(free.dkv, ring.prev)], op="dkv_to_owner", group=ring.group)
+    return dq, free.dkv[0], free.dkv[1]
 
 
 # ---------------------------------------------------------------------------------------------- autograd
@@ -242,5 +284,5 @@ register(AttentionImpl("ring", _registered("zigzag"), layout="zigzag", comm_volu
 register(AttentionImpl("ring_contiguous", _registered("contiguous"), layout="contiguous",
                        comm_volume=functools.partial(comm_ops, layout="contiguous")))
 
-__all__ = ["ring_attention", "ring_forward", "ring_backward", "RingAttentionFunction", "Ring", "step_spans",
+__all__ = ["ring_attention", "ring_forward", "ring_backward", "RingAttentionFunction", "Ring", "step_spans", "ring_plan",
            "comm_ops", "FWD_OPS", "BWD_OPS", "LAYOUTS"]
