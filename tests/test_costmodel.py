@@ -16,7 +16,7 @@ from attn2d import costmodel as cm
 from attn2d.attention import get_attention, layout
 from attn2d.distributed import ProcessGrid, count_comm
 from attn2d.distributed.comm import CommOp
-from attn2d.testing import run_distributed
+from attn2d.testing import run_distributed, synthetic_hardware
 
 ROOT = Path(__file__).resolve().parents[1]
 DISTRIBUTED = ["ring", "ring_contiguous", "attn2d", "attn2d_overlap"]
@@ -24,12 +24,8 @@ GPT_2P7B = cm.ModelShape(n_layer=32, d_model=2560, n_head=32, vocab_size=50257, 
 
 
 def _hw(**kw) -> cm.Hardware:
-    """A hand-made two-level network with round numbers (so expected times can be written down by hand)."""
-    base = dict(name="test", gpus_per_node=4, matmul_flops_per_s=1e14, attn_fwd_flops_per_s=1e14,
-                attn_bwd_flops_per_s=1e14, collective_base_latency_s=1e-5, intra=cm.Link(1e-6, 1e11),
-                inter=cm.Link(1e-5, 1e10), inter_rank_bw_bytes_per_s=5e9, overlap_efficiency=1.0)
-    base.update(kw)
-    return cm.Hardware(**base)
+    """attn2d.testing.synthetic_hardware (round numbers), named 'test', with `kw` replaced."""
+    return synthetic_hardware(**{"name": 'test', **kw})
 
 
 # ---------------------------------------------------------------------------------------------- model limits

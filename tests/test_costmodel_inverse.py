@@ -8,16 +8,14 @@ from attn2d import advise
 from attn2d import costmodel as cm
 from attn2d import costmodel_inverse as inv
 from attn2d.distributed.placement import describe, node_of, rank_nodes
+from attn2d.testing import synthetic_hardware
 
 SMALL = cm.ModelShape(n_layer=2, d_model=256, n_head=4, vocab_size=64, name="small")
 
 
 def _hw(**kw) -> cm.Hardware:
-    base = dict(name="synthetic", gpus_per_node=4, matmul_flops_per_s=1e14, attn_fwd_flops_per_s=1e14,
-                attn_bwd_flops_per_s=1e14, collective_base_latency_s=1e-5, intra=cm.Link(1e-6, 1e11),
-                inter=cm.Link(1e-5, 1e10), inter_rank_bw_bytes_per_s=5e9, overlap_efficiency=1.0)
-    base.update(kw)
-    return cm.Hardware(**base)
+    """attn2d.testing.synthetic_hardware (round numbers), named 'synthetic', with `kw` replaced."""
+    return synthetic_hardware(**{"name": 'synthetic', **kw})
 
 
 # ---------------------------------------------------------------------------------------------- placement

@@ -4,7 +4,7 @@ References are computed here, independently of the code under test: `_ref_block`
 positional mask) and reference.reference_attention (+ autograd for gradients). The CUDA adapters cannot run here;
 their argument binding to the torch op schemas is checked on "meta" tensors.
 """
-import dataclasses
+import contextlib
 import importlib.util
 import json
 import sys
@@ -21,6 +21,7 @@ from attn2d.attention.kernels import Piece, attn_backward, attn_forward, block_p
 from attn2d.attention.layout import Span, layout_spans, spans_tensor
 from attn2d.attention.merge import merge_into, merge_partials
 from attn2d.attention.reference import reference_attention
+from attn2d.testing import counting_backend_calls
 
 CPU_BACKENDS = ["math", "cpu_flash"]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
@@ -553,24 +554,15 @@ def test_grouped_query_blocks_match_reference(backend):
 
 
 # ---------------------------------------------------------------- one backend call per ring step / square-grid block
-def _counting(monkeypatch, name):
-    """Wrap backend `name`'s entry points; returns the list of calls ('fwd' / 'bwd', rows, keys) made through them."""
-    calls, impl = [], backends.BACKENDS[name]
-
-    def fwd(q, k, v, **kw):
-        calls.append(("fwd", q.shape[1], k.shape[1]))
-        return impl.forward(q, k, v, **kw)
-
-    def bwd(dout, q, k, v, *args, **kw):
-        calls.append(("bwd", q.shape[1], k.shape[1]))
-        return impl.backward(dout, q, k, v, *args, **kw)
-
-    monkeypatch.setitem(backends.BACKENDS, name, dataclasses.replace(impl, forward=fwd, backward=bwd))
-    return calls
+@pytest.fixture
+def counting():
+    """counting(backend) -> the list of that backend's calls for the rest of the test (attn2d.testing)."""
+    with contextlib.ExitStack() as stack:
+        yield lambda name: stack.enter_context(counting_backend_calls(name))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_ring_zigzag_steps_make_one_kernel_call_each(monkeypatch, backend):
+def test_ring_zigzag_steps_make_one_kernel_call_each(counting, backend):
     """P = 4, zigzag, causal: every (rank, step) block is ONE backend call forward and one backward (step 0: the
     causal square on both local chunks; lower source: all queries x first received chunk; higher source: second
     local chunk x both received chunks), and it equals the float64 block; 4 calls per rank per pass."""
@@ -579,7 +571,7 @@ def test_ring_zigzag_steps_make_one_kernel_call_each(monkeypatch, backend):
     P, n_seq = 4, 64
     n = n_seq // P
     q, k, v, dout = _qkv(torch.float32, 16, n=n_seq, seed=3)
-    calls = _counting(monkeypatch, backend)
+    calls = counting(backend)
     for rank in range(P):
         qi = _pos(layout_spans("zigzag", n_seq, rank, P))
         before = len(calls)
@@ -602,12 +594,12 @@ def test_ring_zigzag_steps_make_one_kernel_call_each(monkeypatch, backend):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("side", [2, 3])
-def test_square_grid_attention2d_block_is_one_kernel_call(monkeypatch, backend, side):
+def test_square_grid_attention2d_block_is_one_kernel_call(counting, backend, side):
     """Attention2D's block on a square grid (queries r mod R, keys c mod R) is one backend call each way, for
     every (r, c): causal when c <= r, the stripe trick (rows 1.., keys ..-1) when c > r."""
     n_seq = 6 * side
     q, k, v, dout = _qkv(torch.float32, 16, n=n_seq, seed=side)
-    calls = _counting(monkeypatch, backend)
+    calls = counting(backend)
     for r in range(side):
         for c in range(side):
             qs, ks = Span(r, side, n_seq // side), Span(c, side, n_seq // side)

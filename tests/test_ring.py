@@ -1,19 +1,18 @@
 """Ring Attention on real gloo processes: output and gradients against the float64 reference (both layouts, causal
 and not, fp32 and bf16), every rank's counted communication against comm_ops op by op, and the classic ring
 volume 2 (P-1) (N/P) H D B e per rank (independent closed form); clear errors on bad inputs."""
-import dataclasses
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from attn2d.attention import backends, get_attention, kernels, layout
+from attn2d.attention import get_attention, kernels, layout
 from attn2d.attention.kernels import block_pieces
 from attn2d.attention.ring import BWD_OPS, FWD_OPS, comm_ops, ring_attention, step_spans
 from attn2d.distributed import GridError, ProcessGrid, count_comm
 from attn2d.distributed.comm import total_comm
-from attn2d.testing import (assert_errors_match, assert_matches_reference, call_errors, random_case,
-                            run_distributed)
+from attn2d.testing import (assert_errors_match, assert_matches_reference, call_errors, counting_backend_calls,
+                            random_case, run_distributed)
 
 B, H, D = 2, 3, 80  # head_dim of GPT-3 2.7B
 N = 24  # a multiple of 2P for every P used: 1, 2, 3, 4
@@ -59,24 +58,11 @@ def _kernel_calls(case):
     """Backend calls of one zigzag causal fp32 forward and backward on this rank, counted by wrapping the backend's
     entry points (the kernel layer looks them up at every call)."""
     name = kernels.resolve_backend(device="cpu", dtype=torch.float32, head_dim=D)
-    impl, calls = backends.BACKENDS[name], []
-
-    def fwd(q, k, v, **kw):
-        calls.append(("fwd", q.shape[1], k.shape[1]))
-        return impl.forward(q, k, v, **kw)
-
-    def bwd(dout, q, k, v, *args, **kw):
-        calls.append(("bwd", q.shape[1], k.shape[1]))
-        return impl.backward(dout, q, k, v, *args, **kw)
-
-    backends.BACKENDS[name] = dataclasses.replace(impl, forward=fwd, backward=bwd)
-    try:
+    with counting_backend_calls(name) as calls:
         q, k, v = (layout.shard(case[x].float(), None, "zigzag").requires_grad_() for x in "qkv")
         out = ring_attention(q, k, v, causal=True, layout="zigzag")
         n_fwd = len(calls)
         out.backward(layout.shard(case["dout"].float(), None, "zigzag"))
-    finally:
-        backends.BACKENDS[name] = impl
     return dict(fwd=calls[:n_fwd], bwd=calls[n_fwd:])
 
 

@@ -49,16 +49,6 @@ def dry_run_cells(out: str) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------- dry runs
-@pytest.fixture(scope="module")
-def slurm_profile(tmp_path_factory) -> Path:
-    """A stand-in for cluster_profiles/slurm: Snakemake runs locally, cells submit through the Slurm launchers."""
-    d = tmp_path_factory.mktemp("profile") / "slurm"
-    d.mkdir()
-    (d / "workflow.yaml").write_text("launcher: slurm\n")
-    (d / "config.yaml").write_text(f"executor: local\ncores: 64\nconfigfile: {d / 'workflow.yaml'}\n")
-    return d
-
-
 def test_slurm_dry_run_lists_one_job_per_paper_cell_with_its_shape(tmp_path, slurm_profile):
     out = snakemake(workdir(tmp_path), "--profile", str(slurm_profile), "-n").stdout
     jobs = dry_run_cells(out)

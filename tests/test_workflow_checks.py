@@ -96,15 +96,6 @@ def test_misspelt_sweep_key_stops_the_workflow_fast_and_submits_nothing(tmp_path
     assert not (wd / "runs").exists()
 
 
-@pytest.fixture(scope="module")
-def slurm_profile(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("profile") / "slurm"
-    d.mkdir()
-    (d / "workflow.yaml").write_text("launcher: slurm\n")
-    (d / "config.yaml").write_text(f"executor: local\ncores: 64\nconfigfile: {d / 'workflow.yaml'}\n")
-    return d
-
-
 def test_dry_run_ends_with_jobs_by_shape_and_names_the_default_account(tmp_path, slurm_profile):
     p = smk(workdir(tmp_path), "--profile", str(slurm_profile), "-n", "--config", "experiments=[h100_speedup]",
             "modelled=false", "cluster_checks=false")

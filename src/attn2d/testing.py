@@ -7,6 +7,8 @@ traceback; a hang ends after `timeout_s` with every process killed.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime
 import os
 import tempfile
@@ -128,3 +130,37 @@ def assert_matches_reference(case: dict, results: list, lay: str, rows: int, col
         assert results[0][key].dtype == dt, f"{label}: {key} has dtype {results[0][key].dtype}"
         err = rel_error(assemble([r[key] for r in results], lay, seq_len, rows, cols), want)
         assert err < tol, f"{label}: {key} relative error {err:.2e} >= {tol}"
+
+
+@contextlib.contextmanager
+def counting_backend_calls(name: str):
+    """Wrap attention backend `name`'s entry points while inside; yields the list of calls made through them, each
+    ("fwd" | "bwd", rows, keys). The kernel layer looks the backend up at every call, so this sees them all."""
+    from attn2d.attention import backends
+
+    impl, calls = backends.BACKENDS[name], []
+
+    def fwd(q, k, v, **kw):
+        calls.append(("fwd", q.shape[1], k.shape[1]))
+        return impl.forward(q, k, v, **kw)
+
+    def bwd(dout, q, k, v, *args, **kw):
+        calls.append(("bwd", q.shape[1], k.shape[1]))
+        return impl.backward(dout, q, k, v, *args, **kw)
+
+    backends.BACKENDS[name] = dataclasses.replace(impl, forward=fwd, backward=bwd)
+    try:
+        yield calls
+    finally:
+        backends.BACKENDS[name] = impl
+
+
+def synthetic_hardware(**kw):
+    """A hand-made two-level cost-model network with round numbers (expected times can be written down by hand)."""
+    from attn2d import costmodel as cm
+
+    base = dict(name="synthetic", gpus_per_node=4, matmul_flops_per_s=1e14, attn_fwd_flops_per_s=1e14,
+                attn_bwd_flops_per_s=1e14, collective_base_latency_s=1e-5, intra=cm.Link(1e-6, 1e11),
+                inter=cm.Link(1e-5, 1e10), inter_rank_bw_bytes_per_s=5e9, overlap_efficiency=1.0)
+    base.update(kw)
+    return cm.Hardware(**base)
