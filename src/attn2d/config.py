@@ -56,6 +56,7 @@ class AttentionConf:
 class GridConf:
     rows: int
     cols: int
+    placement: Any = "row"  # which grid dimension lies inside a node: row | col | [node of each rank]
 
 
 @dataclass
@@ -167,6 +168,15 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> Settings:
         P = g.rows * g.cols
         if g.rows < 1 or g.cols < 1:
             errors.append(f"grid {g.rows}x{g.cols} must have rows >= 1 and cols >= 1")
+        elif isinstance(g.placement, str) or isinstance(g.placement, (list, tuple)):
+            from attn2d.distributed.placement import rank_nodes
+
+            try:
+                rank_nodes(g.rows, g.cols, P, g.placement)
+            except (ValueError, TypeError) as e:
+                errors.append(f"grid.placement: {e}")
+        else:
+            errors.append(f"grid.placement {g.placement!r}: give row, col or a list of {P} node ids")
         tasks, source = world_size, "the world has"
         if tasks is None:
             source = "the launcher starts (hydra.launcher.tasks_per_node * nodes)"
