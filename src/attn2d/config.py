@@ -82,7 +82,7 @@ class BenchmarkConf:
 GROUPS = {"model": ModelConf, "attention": AttentionConf, "grid": GridConf, "benchmark": BenchmarkConf}
 # top-level keys besides the groups: hardware (cost-model profile, free-form), experiment (free-form metadata of
 # an experiment file), hydra (present when composed with return_hydra_config=True)
-TOP_LEVEL = set(GROUPS) | {"experiment_name", "run_dir", "hardware", "experiment", "hydra"}
+TOP_LEVEL = set(GROUPS) | {"experiment_name", "run_dir", "hardware", "experiment", "hydra", "emulation"}
 DTYPES = ("float32", "bfloat16", "float64")
 DEVICES = ("cpu", "cuda", "auto")
 OPTIMIZERS = ("adamw", "sgd")
