@@ -389,10 +389,11 @@ def run_cell(overrides: Sequence[str], run_dir: str | os.PathLike, rows: int, co
     pl = placement if isinstance(placement, str) else list(placement)
     argv = [python, "-m", "attn2d.train", *overrides, f"grid.rows={rows}", f"grid.cols={cols}",
             f"grid.placement={json.dumps(pl) if not isinstance(pl, str) else pl}",
-            f"run_dir={run_dir}", f"hydra.run.dir={run_dir}"]
+            f"run_dir='{run_dir}'", f"hydra.run.dir='{run_dir}'"]  # quoted: cell dirs hold = and ,
     with Cluster(K, ranks_per_node, nic, rate) as c:
+        load = os.getloadavg()[0]
         codes = c.run_ranks(argv, rows, cols, placement, timeout_s=timeout_s, log_dir=run_dir / "ranks")
-        emulation = {**c.describe(), "placement": pl}
+        emulation = {**c.describe(), "placement": pl, "load_avg_1min_before": load}  # a shared host: say how busy
     status = "ok" if all(x == 0 for x in codes) else "failed"
     if (run_dir / "metrics.jsonl").exists():
         emulation = annotate_record(run_dir, emulation)
