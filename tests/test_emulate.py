@@ -186,3 +186,51 @@ def test_placement_setting_is_validated():
     with pytest.raises(ConfigError, match="3 entries"):
         validate(compose(["grid=2x2", "attention=attn2d", "grid.placement=[0,0,1]"]), world_size=4)
     assert validate(compose(["grid=2x2", "attention=attn2d", "grid.placement=col"]), world_size=4).grid.placement == "col"
+
+
+def test_emulated_profile_and_wire_prediction_follow_the_placement():
+    """The profile is the configured rate (x TCP payload share), not a fit; wire bytes per node come from the op
+    edges that leave a node: Ring on 2 nodes x 2 ranks sends only ranks 1 -> 2 and 3 -> 0 off-node; gloo's
+    reduce_scatter is priced at twice its logical bytes."""
+    from attn2d.costmodel import Workload, load_model
+    from attn2d.distributed.comm import CommOp
+    from attn2d.distributed.emulate_model import TCP_PAYLOAD, emulated_hardware, gloo_ops, predicted_node_tx, step_ops
+
+    hw = emulated_hardware("80mbit", "rails", 4)
+    assert hw.inter_rank_bw_bytes_per_s == pytest.approx(1e7 * TCP_PAYLOAD)
+    assert hw.inter.bw_bytes_per_s == pytest.approx(4e7 * TCP_PAYLOAD) and hw.gpus_per_node == 4
+    assert emulated_hardware("80mbit", "shared", 4).inter_rank_bw_bytes_per_s is None
+    shape, wl = load_model("tiny"), Workload(seq_len=96, dtype="float32")
+    one = predicted_node_tx("ring", shape, wl, 2, 2, 1)  # 4 one-rank nodes: every ring edge leaves its node
+    two = predicted_node_tx("ring", shape, wl, 2, 2, 2)
+    per_rank = sum(op.bytes_sent * t for op, t, *_ in step_ops("ring", shape, wl, 2, 2))
+    assert one == pytest.approx({k: per_rank for k in range(4)})
+    assert two == pytest.approx({0: per_rank, 1: per_rank})  # one ring edge out of each node
+    rs = CommOp("bwd", "x", "reduce_scatter", "row", 2, 100, 100, 1, 1)
+    assert gloo_ops([rs])[0].bytes_sent == 200
+
+
+def test_report_says_why_it_was_skipped(tmp_path):
+    from attn2d.report import emulated
+
+    emulated.write(tmp_path / "none", tmp_path / "t" / "emulated_speedup", tmp_path / "f" / "speedup",
+                   note="no CAP_NET_ADMIN")
+    assert "Skipped: no CAP_NET_ADMIN" in (tmp_path / "t" / "emulated_speedup.md").read_text()
+    assert "no latency emulation" in (tmp_path / "t" / "emulated_speedup_validation.md").read_text()
+    assert (tmp_path / "f" / "speedup.png").exists()
+
+
+@needs_netns
+def test_hydra_launcher_emulated(tmp_path):
+    """`python -m attn2d.train -m hydra/launcher=emulated`: each sweep point's ranks run on their nodes (2 nodes of
+    one rank for a 2x1 grid; col placement of a 1x2 grid keeps both ranks on one node of 2: nothing on the NIC)."""
+    cmd = [PY, "-m", "attn2d.train", "-m", "hydra/launcher=emulated", "model=tiny", "attention=attn2d",
+           "benchmark.seq_len=48", "benchmark.warmup_steps=0", "benchmark.steps=1", "benchmark.progress=false",
+           "+emulation.rate=1gbit", "+emulation.ranks_per_node=2", "grid=1x2", "grid.placement=row",
+           f"hydra.sweep.dir={tmp_path}", "hydra.sweep.subdir=cell"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=150)
+    assert r.returncode == 0, r.stderr[-3000:]
+    em = records.read_record(tmp_path / "cell").header["emulation"]
+    assert (em["nodes"], em["ranks_per_node"], em["nic"]) == (1, 2, "shared")
+    assert em["busiest_nic_bytes_per_step"] < 20_000  # both ranks on one node: loopback, not the shaped link
+    assert not _mine()
