@@ -222,8 +222,8 @@ def test_report_says_why_it_was_skipped(tmp_path):
 
 @needs_netns
 def test_hydra_launcher_emulated(tmp_path):
-    """`python -m attn2d.train -m hydra/launcher=emulated`: each sweep point's ranks run on their nodes (2 nodes of
-    one rank for a 2x1 grid; col placement of a 1x2 grid keeps both ranks on one node of 2: nothing on the NIC)."""
+    """`python -m attn2d.train -m hydra/launcher=emulated`: the sweep point's ranks run in their node's namespace
+    (a 1x2 grid at 2 ranks per node: one node, so the traffic stays on its loopback, off the shaped NIC)."""
     cmd = [PY, "-m", "attn2d.train", "-m", "hydra/launcher=emulated", "model=tiny", "attention=attn2d",
            "benchmark.seq_len=48", "benchmark.warmup_steps=0", "benchmark.steps=1", "benchmark.progress=false",
            "+emulation.rate=1gbit", "+emulation.ranks_per_node=2", "grid=1x2", "grid.placement=row",
