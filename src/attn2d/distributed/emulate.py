@@ -6,7 +6,8 @@
 
 - nic="shared": one NIC (veth) per node at `rate`; every rank of the node sends through it.
   nic="rails": one NIC per rank (as on DGX-class nodes), each at `rate`, rail j on its own subnet and bridge
-  (gloo does not bind its outgoing sockets to its address, so rails on one subnet would mix).
+  (gloo does not bind its outgoing sockets to its address, so rails on one subnet would mix). A connection
+  therefore leaves through the rail of its PEER's address (the peer's local rank), not always the sender's NIC.
 - Shaping: `tc qdisc ... tbf rate R burst max(128KiB, 2 ms x R) latency 50ms` on BOTH ends of every link (node
   egress and switch port), so each direction is capped (full duplex). Bandwidth only: this kernel has no
   sch_netem, so latency, jitter and loss are NOT emulated. Above about 1 GB/s in total the host CPU is the limit.
