@@ -5,10 +5,9 @@
 
 Where network namespaces cannot be made (not root, no CAP_NET_ADMIN, no iproute2) it prints ONE line saying why
 and writes the outputs saying "skipped: <why>". Otherwise it runs a small subset of conf/experiment/
-emulated_speedup.yaml (P = 4, the tiny model at N = 1152, 3 timed steps: 9 cells, 3-5 minutes on 2 shared cores), through
+emulated_speedup.yaml (P = 4, the tiny model at N = 1152, 3 timed steps: 12 cells, 4-6 minutes on 2 shared cores), through
 `python -m attn2d.train -m` with the `emulated` launcher, one call per node layout:
-  4 nodes x 1 rank at 50 and 200 Mbit/s; 2 nodes x 2 ranks with a shared NIC at 50 Mbit/s (rails at P = 4 put
-  every off-node edge on rail 0, the same as a shared NIC: see the README).
+  4 nodes x 1 rank at 50 and 200 Mbit/s; 2 nodes x 2 ranks, one shared NIC or rails, at 50 Mbit/s.
 The P = 9 and 16 cells (and 4-rank nodes) are benchmarks/bench_emulated.py's.
 """
 from __future__ import annotations
@@ -22,7 +21,7 @@ from attn2d.report import emulated
 
 LOCAL_LAYOUTS = [  # (overrides of one multirun call): grid x attention x layout x rate
     ["emulation.ranks_per_node=1", "emulation.nic=shared", "emulation.rate=50mbit,200mbit"],
-    ["emulation.ranks_per_node=2", "emulation.nic=shared", "emulation.rate=50mbit"],  # rails: the benchmark's
+    ["emulation.ranks_per_node=2", "emulation.nic=shared,rails", "emulation.rate=50mbit"],
 ]
 COMMON = ["experiment=emulated_speedup", "grid=2x2", "attention=ring,attn2d,attn2d_overlap", "benchmark.seq_len=1152",
           "benchmark.steps=3"]  # median of 3: one slow step from other jobs on a shared host does not decide it
