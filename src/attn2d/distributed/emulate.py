@@ -422,7 +422,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.add_argument("--timeout-s", type=float, default=600)
             p.add_argument("grid", help="ROWSxCOLS, e.g. 3x3")
             p.add_argument("overrides", nargs="*", help="Hydra overrides for attn2d.train")
-    a = ap.parse_args(argv)
+    a, extra = ap.parse_known_args(argv)  # `run`: Hydra overrides may follow the options
+    if extra and (a.cmd != "run" or any(x.startswith("-") for x in extra)):
+        ap.error(f"unrecognized arguments: {' '.join(extra)}")
     if a.cmd == "check":
         reason = unavailable_reason()
         print(f"emulation unavailable: {reason}" if reason else "emulation available")
@@ -438,7 +440,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         rows, cols = (int(x) for x in a.grid.lower().split("x"))
         placement = json.loads(a.placement) if a.placement.startswith("[") else a.placement
-        res = run_cell(a.overrides, a.run_dir, rows, cols, a.ranks_per_node, a.nic, a.rate, placement, a.timeout_s)
+        res = run_cell([*a.overrides, *extra], a.run_dir, rows, cols, a.ranks_per_node, a.nic, a.rate, placement, a.timeout_s)
         print(json.dumps(res))
         return 0 if res["status"] == "ok" else 1
     except EmulationUnavailable as e:
