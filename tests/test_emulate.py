@@ -234,3 +234,15 @@ def test_hydra_launcher_emulated(tmp_path):
     assert (em["nodes"], em["ranks_per_node"], em["nic"]) == (1, 2, "shared")
     assert em["busiest_nic_bytes_per_step"] < 20_000  # both ranks on one node: loopback, not the shaped link
     assert not _mine()
+
+
+def test_a_rank_on_the_wrong_node_is_refused(monkeypatch):
+    """attn2d.train checks that the launcher put each rank where grid.placement says (row: rank // ranks_per_node;
+    col: a grid column per node)."""
+    monkeypatch.setenv("ATTN2D_NODE", "0")
+    monkeypatch.setenv("ATTN2D_RANKS_PER_NODE", "2")
+    emulate.check_node(1, 2, 2, "row")  # ranks 0, 1 on node 0
+    with pytest.raises(RuntimeError, match="rank 1 runs on emulated node 0, but grid.placement 'col' puts it on node 1"):
+        emulate.check_node(1, 2, 2, "col")
+    monkeypatch.delenv("ATTN2D_NODE")
+    emulate.check_node(1, 2, 2, "col")  # outside an emulated cluster: nothing to check
