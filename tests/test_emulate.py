@@ -91,9 +91,13 @@ local = dist.new_group([0, 1]), dist.new_group([2, 3])
 mine = local[rank // 2]
 x = torch.ones(1 << 20)  # 4 MiB per rank
 out = [torch.empty_like(x) for _ in range(2)]
-w0 = read_wire(); dist.all_gather(out, x, group=mine); dist.barrier(); w1 = read_wire()
+# every rank reads its counters between barriers, so no other rank's next phase is on the wire meanwhile
+dist.barrier(); w0 = read_wire(); dist.barrier()
+dist.all_gather(out, x, group=mine)
+dist.barrier(); w1 = read_wire(); dist.barrier()
 out = [torch.empty_like(x) for _ in range(4)]
-dist.all_gather(out, x); dist.barrier(); w2 = read_wire()
+dist.all_gather(out, x)
+dist.barrier(); w2 = read_wire()
 json.dump({"same_node": wire_delta(w0, w1), "world": wire_delta(w1, w2)}, open(sys.argv[1] + f"/{rank}.json", "w"))
 dist.barrier(); dist.destroy_process_group()
 """
