@@ -32,6 +32,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/run.smk"
 include: "workflow/rules/collect.smk"
 include: "workflow/rules/figures.smk"
+include: "workflow/rules/emulated.smk"
 
 
 if HAVE_MODEL:

@@ -96,6 +96,7 @@ class AttentionConf:
 class GridConf:
     rows: int
     cols: int
+    placement: Any = "row"  # which grid dimension lies inside a node: row | col | [node of each rank]
 
 
 @dataclass
@@ -121,7 +122,7 @@ class BenchmarkConf:
 GROUPS = {"model": ModelConf, "attention": AttentionConf, "grid": GridConf, "benchmark": BenchmarkConf}
 # top-level keys besides the groups: hardware (cost-model profile, free-form), experiment (free-form metadata of
 # an experiment file), hydra (present when composed with return_hydra_config=True)
-TOP_LEVEL = set(GROUPS) | {"experiment_name", "run_dir", "hardware", "experiment", "hydra"}
+TOP_LEVEL = set(GROUPS) | {"experiment_name", "run_dir", "hardware", "experiment", "hydra", "emulation"}
 DTYPES = ("float32", "bfloat16", "float64")
 DEVICES = ("cpu", "cuda", "auto")
 OPTIMIZERS = ("adamw", "sgd")
@@ -211,6 +212,15 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> Settings:
         P = g.rows * g.cols
         if g.rows < 1 or g.cols < 1:
             errors.append(f"grid {g.rows}x{g.cols} must have rows >= 1 and cols >= 1")
+        elif isinstance(g.placement, str) or isinstance(g.placement, (list, tuple)):
+            from attn2d.distributed.placement import rank_nodes
+
+            try:
+                rank_nodes(g.rows, g.cols, P, g.placement)
+            except (ValueError, TypeError) as e:
+                errors.append(f"grid.placement: {e}")
+        else:
+            errors.append(f"grid.placement {g.placement!r}: give row, col or a list of {P} node ids")
         tasks, source = world_size, "the world has"
         if tasks is None:
             source = "the launcher starts (hydra.launcher.tasks_per_node * nodes)"

@@ -39,6 +39,7 @@ from attn2d.attention.checks import RankMismatchError, check_heads
 from attn2d.config import ConfigError, Settings, gpt_config, timeout_s_of, validate
 from attn2d.distributed import GridError, ProcessGrid, comm, count_comm, destroy_distributed, init_distributed
 from attn2d.distributed import health
+from attn2d.distributed.emulate import check_node, read_wire, wire_delta
 from attn2d.distributed.health import CollectiveError
 from attn2d.distributed.fsdp_counter import counting_fsdp, fsdp_counting_supported
 from attn2d.model import GPT, shard_loss_sum
@@ -367,6 +368,7 @@ def run(cfg: DictConfig) -> dict:
         s = validate(cfg, world_size=info.world_size)
         b = s.benchmark
         grid = ProcessGrid(s.grid.rows, s.grid.cols)
+        check_node(info.rank, s.grid.rows, s.grid.cols, s.grid.placement)  # emulated cluster: rank on its node
         sp = SequenceParallel(s.attention.name, s.attention.causal, grid, heads=s.model.n_head)
         model = build_model(s, sp, dev)
         if not b.fsdp:  # seeded per-parameter init; check it anyway where it is cheap
@@ -400,15 +402,17 @@ def run(cfg: DictConfig) -> dict:
         times = []
         for step in range(b.warmup_steps + b.steps):
             idx, tgt = (t.to(dev) for t in synthetic_batch(step, b.batch_size, b.seq_len, s.model.vocab_size, b.seed))
+            wire0 = read_wire()  # NIC counters of an emulated cluster ({} elsewhere), outside the timer
             with count_comm() as stats, bench.StepTimer(dev) as timer:
                 loss = train_step(model, optimizer, sp, idx, tgt, autocast_dtype=autocast, fsdp=b.fsdp)
+            wire = wire_delta(wire0, read_wire())
             bar.update(1)
             if step < b.warmup_steps:
                 continue
             for op in fsdp_ops:
                 stats.add(*op)
             per_rank = _gather({"time": timer.elapsed_s, "loss": float(loss), "mem": bench.max_mem_gib(dev),
-                                "comm": stats.as_dict()})
+                                "comm": stats.as_dict(), "wire": wire})
             step_time = max(r["time"] for r in per_rank)
             times.append(step_time)
             tflops = bench.tflops_per_gpu(flops["total"], info.world_size, step_time)
@@ -416,7 +420,9 @@ def run(cfg: DictConfig) -> dict:
             writer.step({"step": step, "step_time_s": step_time, "tokens_per_s": b.batch_size * b.seq_len / step_time,
                          "tflops_per_gpu": tflops, "mfu": bench.mfu(tflops, b.peak_tflops),
                          "max_mem_gib": max(r["mem"] for r in per_rank), "loss": global_loss,
-                         **bench.max_over_ranks([r["comm"] for r in per_rank])})
+                         **bench.max_over_ranks([r["comm"] for r in per_rank]),
+                         **({"wire_bytes": {k: v for r in per_rank for k, v in r["wire"].items()}}
+                            if any(r["wire"] for r in per_rank) else {})})
             bar.set_postfix(loss=f"{global_loss:.4f}", step_s=f"{step_time:.3g}")
         writer.end("ok")
         return {"run_dir": str(cfg.run_dir), "status": "ok", "mean_step_time_s": sum(times) / len(times)}
