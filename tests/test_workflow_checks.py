@@ -188,7 +188,9 @@ def test_corrupt_and_superseded_records_are_set_aside_and_their_cells_run_again(
     assert "NaN" in text
     bad.write_text(text)
     rec = records.read_record(wd / changed.record)
-    job = {"launcher": "local_cpu", "launcher_params": {**changed.resources.params, "timeout_min": 5}}
+    job = {"launcher": "local_cpu", "scheduler": "local", "job_id": "1", "job_name": None, "partition": None,
+           "account": None, "nodelist": None, "requeue_count": None,
+           "launcher_params": {**changed.resources.params, "timeout_min": 5}}  # the schema's job fields
     records.write(wd / changed.run_dir, {**rec.header, "job": job}, rec.steps)
 
     dry = smk(wd, "-n", "--cores", "1", *SMALL)
