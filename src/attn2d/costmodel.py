@@ -73,6 +73,12 @@ from attn2d.model import GPTConfig
 
 ALGORITHMS = ("local", "ring", "ring_contiguous", "attn2d", "attn2d_overlap")
 DTYPE_BYTES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp32": 4, "float32": 4, "fp64": 8, "float64": 8}
+SHORT_DTYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64"}  # torch name -> ours
+
+
+def short_dtype(name: str) -> str:
+    """The cost model's dtype name ("bf16") for a torch one ("bfloat16"); other names unchanged."""
+    return SHORT_DTYPE.get(name, name)
 COLLECTIVE_ALGORITHMS = ("ring", "tree")
 ATTN_BWD_FLOP_RATIO = 2.5  # FlashAttention convention: backward = 5 matmuls vs 2 forward
 

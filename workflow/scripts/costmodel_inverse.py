@@ -21,7 +21,7 @@ import pandas as pd
 import yaml
 
 from attn2d import costmodel_inverse as inv
-from attn2d.costmodel import load_hardware, load_model, repo_root
+from attn2d.costmodel import load_hardware, load_model, repo_root, short_dtype
 
 # What the abstract prints (paper-notes.md Sec. 0): the text of each number sets its rounding interval
 STATED = {"a100_4gpn": ("a100_speedup", 64, "5"), "h100_1gpn": ("h100_speedup", 64, "9.4")}
@@ -44,8 +44,7 @@ def paper_cells(conf: Path) -> dict:
         algs = tuple(sorted({c["attention"] for c in cells if not c["attention"].startswith("ring")}))
         keys = sorted({(c["model"], int(c["seq_len"]), int(c["rows"]), int(c["cols"]), int(c["batch_size"]),
                         c["dtype"]) for c in cells})
-        dt = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}
-        out[hw] = [inv.Cell(load_model(m), n, r, k, algs, b, dt.get(d, d)) for m, n, r, k, b, d in keys]
+        out[hw] = [inv.Cell(load_model(m), n, r, k, algs, b, short_dtype(d)) for m, n, r, k, b, d in keys]
     return out
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from attn2d.costmodel import Workload, comm_ops_for, load_hardware, load_model, repo_root, ring_grid, step_time
+from attn2d.costmodel import Workload, comm_ops_for, load_hardware, load_model, repo_root, ring_grid, short_dtype, step_time
 
 PAPER_EXPERIMENTS = ("a100_speedup", "a100_time_per_step", "h100_speedup")
 COLUMNS = ["hardware", "model", "gpus", "nodes", "grid", "seq_len", "algorithm", "step_time_s", "speedup_vs_ring"]
@@ -49,7 +49,7 @@ def experiment_cells(experiments, conf_dir: Path) -> list[dict]:
 
 
 def _workload(c: dict) -> Workload:
-    dtype = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16", "float64": "fp64"}.get(c["dtype"], c["dtype"])
+    dtype = short_dtype(c["dtype"])
     return Workload(seq_len=int(c["seq_len"]), batch_size=int(c["batch_size"]), dtype=dtype, causal=c["causal"],
                     fsdp=c["fsdp"], activation_checkpointing=c["activation_checkpointing"])
 
@@ -143,7 +143,7 @@ def band(df: pd.DataFrame, inverse: pd.DataFrame) -> pd.DataFrame:
         base = bases.setdefault((r.hardware, gpn), load_hardware(r.hardware, gpus_per_node=gpn))
         rows_, cols_ = (int(x) for x in r.grid.split("x"))
         cell = inv.Cell(m, int(r.seq_len), rows_, cols_, (r.algorithm,), int(r.batch_size),
-                        {"bfloat16": "bf16", "float32": "fp32"}.get(r.dtype, r.dtype))
+                        short_dtype(r.dtype))
 
         def speedup(sc, nic):
             return inv.cell_speedups(inv.profile(base, sc, nic), sc, cell)[r.algorithm]

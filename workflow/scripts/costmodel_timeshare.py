@@ -30,7 +30,7 @@ def repredict(val: pd.DataFrame, hardware: str) -> pd.DataFrame:
     for r in val.itertuples():
         m = models.setdefault(r.model, cm.load_model(r.model))
         R, C = (int(x) for x in r.grid.split("x"))
-        dtype = {"float32": "fp32", "bfloat16": "bf16"}.get(r.dtype, r.dtype)
+        dtype = cm.short_dtype(r.dtype)
         wl = cm.Workload(seq_len=int(r.seq_len), batch_size=int(r.batch_size), dtype=dtype)
         rr, cc = (R * C, 1) if r.algorithm.startswith("ring") else (R, C)
         calls = cm.comm_calls(cm.comm_ops_for(r.algorithm, m, wl, rr, cc)) * m.n_layer
