@@ -104,7 +104,7 @@ class Algo:
     name: str
     layout: str
     fn: Callable  # fn(q, k, v, grid, causal) -> out (B, n, H, D)
-    comm_volume: Callable | None  # the registry's comm_ops, None for the others
+    comm_ops: Callable | None  # the registry's comm_ops, None for the others
     ours: bool
 
 
@@ -121,7 +121,7 @@ def resolve(name: str, device=torch.device("cpu")) -> Algo:
     if name in ATTENTION:
         impl = get_attention(name)
         return Algo(name, impl.layout, lambda q, k, v, grid, causal, f=impl.fn: f(q, k, v, grid=grid, causal=causal),
-                    impl.comm_volume, True)
+                    impl.comm_ops, True)
     peer = next(r for r in peer_rings.available(device)[0] if r.name == name)
     return Algo(name, peer.layout, lambda q, k, v, grid, causal, f=peer.fn: f(q, k, v, group=grid.group,
                                                                                causal=causal), None, False)
@@ -304,11 +304,11 @@ def unshard(per_rank: list[torch.Tensor], lay: str, seq: int, rows: int, cols: i
 def predicted(name, args, rows, cols) -> dict:
     """Max over ranks of the analytic bytes sent and messages, forward and forward + backward."""
     algo = resolve(name)
-    if algo.comm_volume is None:
+    if algo.comm_ops is None:
         return {}
     best = {"fwd_bytes": 0, "fwd_msgs": 0, "all_bytes": 0, "all_msgs": 0}
     for rk in range(rows * cols):
-        ops = algo.comm_volume(args.batch, args.seq, args.heads, args.head_dim, rows, cols, DTYPES[args.dtype],
+        ops = algo.comm_ops(args.batch, args.seq, args.heads, args.head_dim, rows, cols, DTYPES[args.dtype],
                                args.causal, rank=rk, kv_heads=args.kv_heads)
         f, a = total_comm(ops, "fwd"), total_comm(ops)
         for key, val in (("fwd_bytes", f["bytes_sent"]), ("fwd_msgs", f["messages"]),

@@ -149,7 +149,7 @@ def test_comm_ops_names_typical_rank_and_errors():
 
 def test_registered_in_the_registry():
     impl = get_attention("attn2d")
-    assert impl.fn is attention2d and impl.layout == "cyclic" and impl.comm_volume is comm_ops
+    assert impl.fn is attention2d and impl.layout == "cyclic" and impl.comm_ops is comm_ops
 
 
 def test_bad_inputs_raise_clear_errors():

@@ -99,7 +99,7 @@ def test_volume_formulas_equal_counted_bytes():
     results = run_distributed(4, _counted_worker, cases, timeout_s=240)
     for i, (alg, rows, cols, causal) in enumerate(cases):
         for rank in range(4):
-            ops = get_attention(alg).comm_volume(1, 48, 2, 8, rows, cols, torch.bfloat16, causal, rank=rank)
+            ops = get_attention(alg).comm_ops(1, 48, 2, 8, rows, cols, torch.bfloat16, causal, rank=rank)
             want = {}
             for op in ops:
                 w = want.setdefault(op.name, [0, 0, 0])
@@ -115,7 +115,7 @@ def test_volume_formulas_equal_counted_bytes():
     for alg in DISTRIBUTED:
         r, c = (4, 1) if alg.startswith("ring") else (2, 2)
         names = [o.name for o in cm.step_time(alg, shape, wl, r, c, _hw()).ops if o.phase in ("fwd", "bwd")]
-        assert names == [o.name for o in get_attention(alg).comm_volume(1, 48, 2, 8, r, c, torch.bfloat16, True)]
+        assert names == [o.name for o in get_attention(alg).comm_ops(1, 48, 2, 8, r, c, torch.bfloat16, True)]
 
 
 # ---------------------------------------------------------------------------------------------- network model

@@ -214,8 +214,8 @@ def test_comm_ops_names_volume_and_errors():
 def test_registered_in_the_registry():
     zig, cont = get_attention("ring"), get_attention("ring_contiguous")
     assert (zig.layout, cont.layout) == ("zigzag", "contiguous")
-    assert zig.comm_volume is comm_ops
-    assert cont.comm_volume(B, 36, H, D, 4, 1, "bf16", True) == comm_ops(B, 36, H, D, 4, 1, "bf16", True,
+    assert zig.comm_ops is comm_ops
+    assert cont.comm_ops(B, 36, H, D, 4, 1, "bf16", True) == comm_ops(B, 36, H, D, 4, 1, "bf16", True,
                                                                          layout="contiguous")
 
 

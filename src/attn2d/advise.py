@@ -22,6 +22,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, replace
 
+from attn2d.attention import get_attention
 from attn2d.costmodel import Link, Workload, load_hardware, load_model, step_time
 from attn2d.distributed.placement import PLACEMENTS, describe
 
@@ -81,14 +82,6 @@ def grids(gpus: int) -> list[tuple[int, int]]:
     return [(r, gpus // r) for r in range(1, gpus + 1) if gpus % r == 0]
 
 
-def _seq_ok(algorithm: str, seq_len: int, P: int) -> str:
-    """'' if the sequence splits evenly for the algorithm's layout, else the reason."""
-    need = 2 * P if algorithm == "ring" else P
-    if seq_len % need:
-        return f"seq_len {seq_len} is not a multiple of {need}"
-    return ""
-
-
 def advise(gpus: int, model, workload: Workload, hw, algorithms=DEFAULT_ALGORITHMS) -> list[Option]:
     """All candidate (algorithm, grid) options with their predicted step times, fastest first (impossible last)."""
     out: list[Option] = []
@@ -99,7 +92,7 @@ def advise(gpus: int, model, workload: Workload, hw, algorithms=DEFAULT_ALGORITH
             continue
         places = PLACEMENTS if (alg.startswith("attn2d") and hw.gpus_per_node > 1) else (hw.placement,)
         for r, c in shapes:
-            why = _seq_ok(alg, workload.seq_len, r * c)
+            why = get_attention(alg).layout_problem(workload.seq_len, r * c)
             if why:
                 out.append(Option(alg, r, c, None, reason=why))
                 continue

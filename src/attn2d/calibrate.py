@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from attn2d.costmodel import ATTN_BWD_FLOP_RATIO
+from attn2d.records import cpu_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
@@ -532,7 +533,7 @@ def calibrate(worlds, threads: int = 1, dtype: str = "fp32", quick: bool = False
         "gemm": gemm, "block": block, "local": local, "optimizer": optm, "overhead": overhead,
         "dist": dist_res, "fits": fits, "worlds": worlds, "shared_cores": shared_cores,
         "shared_cores_raw": shared, "algorithms": algos, "elapsed_s": time.time() - t0,
-        "machine": f"{socket.gethostname()} ({_cpu_model()}, {cores} cpus)",
+        "machine": f"{socket.gethostname()} ({cpu_model()}, {cores} cpus)",
         "date": datetime.date.today().isoformat(), "threads": threads, "dtype": dtype,
     }
 
@@ -555,7 +556,7 @@ def calibrate_allocation(args) -> None:
     m: dict = {"world": info.world_size, "threads": args.threads, "dtype": str(dt).replace("torch.", ""),
                "date": datetime.date.today().isoformat(), "gpus_per_node": gpn,
                "machine": f"{socket.gethostname()} x {info.world_size // gpn} nodes "
-                          f"({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else _cpu_model()})"}
+                          f"({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else cpu_model()})"}
     if info.rank == 0:
         m["gemm"] = measure_gemm(dev, dt, args.threads, args.quick)
         m["block"] = measure_block_attention(dev, dt, args.quick, args.heads, args.head_dim)
@@ -594,16 +595,6 @@ def calibrate_allocation(args) -> None:
              "overlap:", f"  efficiency: {m['overlap']['efficiency']:.3f}  # (measured)"]
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")
-
-
-def _cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _sync_penalty(m: dict) -> list[str]:

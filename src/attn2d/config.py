@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import attn2d.slurm  # noqa: F401 - registers the launcher resolvers before any composition
 from attn2d.distributed.grid import GridError, check_timeout
+from attn2d.dtypes import TRAIN_DTYPES
 from attn2d.model import GPTConfig
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the repository's conf/ (package installed editable)
@@ -123,10 +124,8 @@ GROUPS = {"model": ModelConf, "attention": AttentionConf, "grid": GridConf, "ben
 # top-level keys besides the groups: hardware (cost-model profile, free-form), experiment (free-form metadata of
 # an experiment file), hydra (present when composed with return_hydra_config=True)
 TOP_LEVEL = set(GROUPS) | {"experiment_name", "run_dir", "hardware", "experiment", "hydra", "emulation"}
-DTYPES = ("float32", "bfloat16", "float64")
 DEVICES = ("cpu", "cuda", "auto")
 OPTIMIZERS = ("adamw", "sgd")
-LAYOUT_MULTIPLE = {"cyclic": 1, "contiguous": 1, "zigzag": 2}
 
 
 def _check_keys(section: str, node: Any, schema: type, errors: list[str]) -> Any:
@@ -173,7 +172,9 @@ class Settings:
 
 def validate(cfg: DictConfig, world_size: int | None = None) -> Settings:
     """Raise ConfigError listing every problem of a composed config (see the module docstring); return Settings."""
-    from attn2d.attention import ATTENTION  # the registry (imports the algorithm modules present)
+    from attn2d.attention import ATTENTION  # the registry (importing it registers the built-in algorithms)
+    from attn2d.attention.layout import CHUNKS_PER_RANK
+    from attn2d.attention.registry import distributed_names
 
     errors: list[str] = []
     unknown = sorted(set(cfg.keys()) - TOP_LEVEL)
@@ -188,8 +189,8 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> Settings:
     m, a, g, b = (typed.get(s) for s in ("model", "attention", "grid", "benchmark"))
 
     if b is not None:
-        if b.dtype not in DTYPES:
-            errors.append(f"benchmark.dtype {b.dtype!r} is not one of {', '.join(DTYPES)}")
+        if b.dtype not in TRAIN_DTYPES:
+            errors.append(f"benchmark.dtype {b.dtype!r} is not one of {', '.join(TRAIN_DTYPES)}")
         if b.device not in DEVICES:
             errors.append(f"benchmark.device {b.device!r} is not one of {', '.join(DEVICES)}")
         if b.optimizer not in OPTIMIZERS:
@@ -235,17 +236,17 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> Settings:
             errors.append(f"grid {g.rows}x{g.cols} needs {P} ranks, but {source} {tasks}; "
                           f"grids that fit {tasks} ranks: "
                           + ", ".join(f"{d}x{tasks // d}" for d in range(1, tasks + 1) if tasks % d == 0) + hint)
-        if impl is not None and impl.needs_world == "one" and P != 1:
+        if impl is not None and impl.ranks == "one" and P != 1:
             errors.append(f"attention {impl.name!r} runs on one process only, but grid {g.rows}x{g.cols} has {P} "
-                          f"ranks; use grid=1x1, or a distributed attention ({', '.join(_distributed_names(ATTENTION))})")
-        if impl is not None and b is not None and impl.layout in LAYOUT_MULTIPLE and P >= 1:
-            need = P * LAYOUT_MULTIPLE[impl.layout]
-            if b.seq_len % need:
-                lo, hi = (b.seq_len // need) * need, (b.seq_len // need + 1) * need
-                chunks = f" ({LAYOUT_MULTIPLE[impl.layout]} chunks per rank)" if LAYOUT_MULTIPLE[impl.layout] > 1 else ""
-                errors.append(f"benchmark.seq_len {b.seq_len} cannot be split over the {P} ranks of grid "
-                              f"{g.rows}x{g.cols} in attention {impl.name!r}'s {impl.layout} layout{chunks}: it must be a "
-                              f"multiple of {need} (nearest: {lo or need} or {hi})")
+                          f"ranks; use grid=1x1, or a distributed attention ({', '.join(distributed_names())})")
+        if impl is not None and b is not None and P >= 1:
+            chunks = CHUNKS_PER_RANK.get(impl.layout, 1)
+            try:
+                impl.check_layout(b.seq_len, P, where=f"over the {P} ranks of grid {g.rows}x{g.cols} in attention "
+                                  f"{impl.name!r}'s {impl.layout} layout"
+                                  + (f" ({chunks} chunks per rank)" if chunks > 1 else ""))
+            except GridError as e:
+                errors.append(f"benchmark.{e}")
 
     if m is not None:
         try:
@@ -264,10 +265,6 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> Settings:
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
     return Settings(m, a, g, b)
-
-
-def _distributed_names(registry: dict) -> list[str]:
-    return sorted(n for n, impl in registry.items() if impl.needs_world != "one") or ["attn2d", "ring"]
 
 
 def gpt_config(model: Any, seq_len: int | None = None, activation_checkpointing: bool = False) -> GPTConfig:

@@ -67,6 +67,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from attn2d.distributed import parallelize
 from attn2d.distributed.comm import CommOp
 from attn2d.distributed.placement import rank_nodes
 from attn2d.model import GPTConfig
@@ -509,41 +510,10 @@ Call = tuple  # (query Spans, key Spans) of one kernel.attn_forward / attn_backw
 
 
 def attention_schedule(algorithm: str, seq_len: int, rows: int, cols: int) -> list[list[list[Call]]]:
-    """schedule[step][rank] = the block-attention calls rank makes in that synchronous step (forward; the backward
-    of every algorithm here visits the same blocks in the same steps).
+    """schedule[step][rank]: the algorithm's own schedule (attn2d.attention.get_attention(name).schedule)."""
+    from attn2d.attention import get_attention
 
-    - local: one call over the whole sequence.
-    - ring (zigzag layout) / ring_contiguous: P steps; at step s rank i holds the K/V of rank (i - s) mod P.
-    - attn2d (Alg. 1 L4): one call, queries == r (mod rows) against keys == c (mod cols).
-    - attn2d_overlap: Alg. 5, `rows` steps of the own q_p against the arriving K/V block of grid row r' (positions
-      c + r'*cols + jP), then Alg. 6, cols - 1 steps of the Q block of p(r, c+i) against k_g (a staircase: R offset-causal pieces)."""
-    from attn2d.attention.layout import Span, layout_spans
-
-    P = rows * cols
-    if algorithm == "local" or P == 1:
-        return [[[((Span(0, 1, seq_len),), (Span(0, 1, seq_len),))]]]
-    if algorithm in ("ring", "ring_contiguous"):
-        layout = "zigzag" if algorithm == "ring" else "contiguous"
-        spans = [layout_spans(layout, seq_len, k, P, 1) for k in range(P)]
-        return [[[(spans[i], spans[(i - s) % P])] for i in range(P)] for s in range(P)]
-    if algorithm == "attn2d":
-        step = []
-        for k in range(P):
-            r, c = divmod(k, cols)
-            step.append([((Span(r, rows, seq_len // rows),), (Span(c, cols, seq_len // cols),))])
-        return [step]
-    if algorithm == "attn2d_overlap":
-        n = seq_len // P
-        q_p = lambda r, c: (Span(r + c * rows, P, n),)  # noqa: E731  column-major cyclic shard of p(r, c)
-        k_t = lambda r, c: (Span(c + r * cols, P, n),)  # noqa: E731  row-major shard after Alg. 4 L1
-        sched = []
-        for i in range(rows):  # Alg. 5: K/V ring along the grid column
-            sched.append([[(q_p(k // cols, k % cols), k_t((k // cols + i) % rows, k % cols))] for k in range(P)])
-        for i in range(1, cols):  # Alg. 6: Q ring along the grid row, against the gathered k_g
-            sched.append([[(q_p(k // cols, (k % cols + i) % cols), (Span(k % cols, cols, seq_len // cols),))]
-                          for k in range(P)])
-        return sched
-    raise ValueError(f"unknown algorithm {algorithm!r}; known: {', '.join(ALGORITHMS)}")
+    return get_attention(algorithm).schedule(seq_len, rows, cols)
 
 
 def call_work(call: Call, causal: bool, bottom_right: bool = True) -> tuple[int, int, int, int]:
@@ -619,7 +589,7 @@ def attention_flops(shape: ModelShape, wl: Workload) -> float:
 
 # ============================================================================================== communication
 def comm_ops_for(algorithm: str, shape: ModelShape, wl: Workload, rows: int, cols: int) -> list[CommOp]:
-    """The algorithm module's own analytic CommOps (attn2d.attention.get_attention(name).comm_volume)."""
+    """The algorithm module's own analytic CommOps (attn2d.attention.get_attention(name).comm_ops)."""
     if algorithm == "local" or rows * cols == 1:
         return []
     import torch
@@ -627,13 +597,13 @@ def comm_ops_for(algorithm: str, shape: ModelShape, wl: Workload, rows: int, col
     from attn2d.attention import get_attention
 
     impl = get_attention(algorithm)
-    if impl.comm_volume is None:
-        raise ValueError(f"attention {algorithm!r} does not export comm_ops (its comm_volume is None)")
+    if impl.comm_ops is None:
+        raise ValueError(f"attention {algorithm!r} does not export comm_ops")
     dt = {2: torch.bfloat16, 4: torch.float32, 8: torch.float64}[wl.dtype_bytes]
     if wl.dtype in ("fp16", "float16"):
         dt = torch.float16
     r, c = (rows, cols) if not algorithm.startswith("ring") else ring_grid(rows * cols)
-    return list(impl.comm_volume(wl.batch_size, wl.seq_len, shape.n_head, shape.d_head, r, c, dt, wl.causal,
+    return list(impl.comm_ops(wl.batch_size, wl.seq_len, shape.n_head, shape.d_head, r, c, dt, wl.causal,
                                  kv_heads=shape.kv_heads))
 
 
@@ -642,34 +612,9 @@ def ring_grid(P: int) -> tuple[int, int]:
     return P, 1
 
 
-GRAD_BUCKET_BYTES = 64 * 2**20  # attn2d.train reduces gradients in 64 MiB buckets
-
-
 def grad_sync_ops(shape: ModelShape, wl: Workload, P: int) -> list[CommOp]:
-    """Parameter-gradient synchronisation over the sequence-parallel group of P ranks, as attn2d.train does it.
-
-    Replicated parameters: gradients (grad_bytes each) summed by a ring all-reduce per 64 MiB bucket, counted
-    2 (P-1)/P x bytes per rank (op "grad_all_reduce"). FSDP2 (ZeRO-3): each block's parameters (input dtype)
-    all-gathered in forward and again in backward, the root's once; gradients reduce-scattered per unit:
-    (P-1)/P x bytes each (as attn2d.train.fsdp_comm counts them)."""
-    if P <= 1:
-        return []
-    n = shape.n_params()
-    g = wl.grad_bytes * n
-    if not wl.fsdp:
-        v = 2 * (P - 1) * g // P
-        buckets = max(1, math.ceil(g / GRAD_BUCKET_BYTES))
-        return [CommOp("grad", "grad_all_reduce", "all_reduce", "world", P, v, v, 2 * (P - 1) * buckets,
-                       2 * (P - 1) * buckets)]
-    block = n - shape.vocab_size * shape.d_model - 2 * shape.d_model  # parameters inside the blocks
-    root = n - block
-    gathered = (2 * block + root) * wl.dtype_bytes * (P - 1) // P
-    units = shape.n_layer + 1
-    gv = n * wl.grad_bytes * (P - 1) // P
-    return [CommOp("grad", "fsdp_param_all_gather", "all_gather", "world", P, gathered, gathered,
-                   (2 * shape.n_layer + 1) * (P - 1), (2 * shape.n_layer + 1) * (P - 1)),
-            CommOp("grad", "fsdp_grad_reduce_scatter", "reduce_scatter", "world", P, gv, gv, units * (P - 1),
-                   units * (P - 1))]
+    """attn2d.distributed.parallelize.grad_sync_ops for a Workload (what training moves to sync gradients)."""
+    return parallelize.grad_sync_ops(shape, P, fsdp=wl.fsdp, grad_bytes=wl.grad_bytes, param_bytes=wl.dtype_bytes)
 
 
 # ============================================================================================== step time

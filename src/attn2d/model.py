@@ -14,6 +14,7 @@ process grid and causality, and sums this rank's loss over ranks.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import zlib
 from dataclasses import dataclass
@@ -41,6 +42,26 @@ class GPTConfig:
     rope_base: float = 10000.0
     init_std: float = 0.02
     activation_checkpointing: bool = False  # recompute each block in the backward pass
+    name: str = ""  # the conf/model option it came from ("gpt3_760m"); labels only
+
+    @classmethod
+    def from_mapping(cls, m, **overrides) -> "GPTConfig":
+        """A conf/model group (DictConfig, dataclass or mapping; unknown keys ignored, null = default) -> GPTConfig.
+        `overrides` win over the mapping (e.g. max_seq_len=seq_len, activation_checkpointing=True)."""
+        if dataclasses.is_dataclass(m):
+            m = dataclasses.asdict(m)
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in dict(m).items() if k in names and v is not None}
+        kw.update({k: v for k, v in overrides.items() if v is not None})
+        for k, v in kw.items():  # YAML/OmegaConf values -> the field's type (ints stay ints, "10000" -> float)
+            t = names[k].type
+            if t in ("int", "int | None") and not isinstance(v, bool):
+                kw[k] = int(v)
+            elif t == "float":
+                kw[k] = float(v)
+            elif t in ("str",):
+                kw[k] = str(v)
+        return cls(**kw)
 
     @property
     def d_head(self) -> int:

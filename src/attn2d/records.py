@@ -19,6 +19,7 @@ import datetime
 import json
 import math
 import os
+import platform
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -229,3 +230,15 @@ def read_record(path: str | os.PathLike) -> Record:
 def find_records(root: str | os.PathLike) -> list[Path]:
     """Every complete metrics.jsonl under `root` (sorted); unfinished .partial records are not listed."""
     return sorted(Path(root).rglob(METRICS))
+
+
+def cpu_model() -> str:
+    """The host's CPU model name (/proc/cpuinfo), or what platform knows of it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+

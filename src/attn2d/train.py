@@ -41,12 +41,12 @@ from attn2d.distributed import GridError, ProcessGrid, comm, count_comm, destroy
 from attn2d.distributed import health
 from attn2d.distributed.emulate import check_node, read_wire, wire_delta
 from attn2d.distributed.health import CollectiveError
+from attn2d.distributed.parallelize import GRAD_BUCKET_BYTES
+from attn2d.dtypes import acc_dtype, itemsize
 from attn2d.distributed.fsdp_counter import counting_fsdp, fsdp_counting_supported
 from attn2d.model import GPT, shard_loss_sum
 from attn2d.slurm import job_header
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
-GRAD_BUCKET_BYTES = 64 * 2**20
 
 
 # ---------------------------------------------------------------------------------------------- sequence parallelism
@@ -255,13 +255,7 @@ def _gather(obj) -> list:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device) if torch.cuda.is_available() else "cuda (not available)"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return "cpu: " + line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "cpu: " + (platform.processor() or platform.machine())
+    return "cpu: " + records.cpu_model()
 
 
 def versions() -> dict[str, str | None]:
@@ -379,10 +373,10 @@ def run(cfg: DictConfig) -> dict:
         units = fsdp_units(model)
         optimizer = make_optimizer(model, b.optimizer, b.lr, b.weight_decay)
         autocast = torch.bfloat16 if b.dtype == "bfloat16" else None
-        pbytes = 2 if b.dtype == "bfloat16" else DTYPES[b.dtype].itemsize
+        pbytes = itemsize(b.dtype)
         fsdp_ops = []  # analytic FSDP traffic, only where this torch's FSDP collectives cannot be counted
         if b.fsdp and not fsdp_counting_supported():
-            fsdp_ops = fsdp_comm(units, info.world_size, pbytes, 8 if b.dtype == "float64" else 4)
+            fsdp_ops = fsdp_comm(units, info.world_size, pbytes, acc_dtype(b.dtype).itemsize)
         flops = bench.flops_per_step(model.cfg, n_dense, b.batch_size, b.seq_len, s.attention.causal)
 
         everyone = _gather({"host": socket.gethostname(), "device": device_name(dev)})

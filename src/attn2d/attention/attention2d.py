@@ -70,7 +70,8 @@ from typing import Sequence
 import torch
 from torch.autograd.function import once_differentiable
 
-from attn2d.attention import AttentionImpl, kernels, merge, register
+from attn2d.attention import kernels, merge
+from attn2d.attention.registry import AttentionImpl, Schedule, register, single_call_schedule
 from attn2d.attention.checks import check_call
 from attn2d.attention.common import (check_grid_shards, grid_rank, kv_moves, kv_recv_peer, kv_send_peer,
                                      permute_kv, wire_bytes)
@@ -297,7 +298,16 @@ def comm_ops(batch: int, seq_len: int, heads: int, head_dim: int, rows: int, col
     return ops
 
 
-register(AttentionImpl("attn2d", attention2d, layout="cyclic", comm_volume=comm_ops))
+def schedule(seq_len: int, rows: int, cols: int) -> Schedule:
+    """Alg. 1 L4: one synchronous step, one call per rank: queries == r (mod rows) against keys == c (mod cols)."""
+    if rows * cols == 1:
+        return single_call_schedule(seq_len)
+    return [[[((Span(r, rows, seq_len // rows),), (Span(c, cols, seq_len // cols),))]
+             for r, c in (divmod(k, cols) for k in range(rows * cols))]]
+
+
+register(AttentionImpl("attn2d", attention2d, layout="cyclic", schedule=schedule, comm_ops=comm_ops,
+                       label="Attention2D-NO"))
 
 __all__ = ["attention2d", "attention2d_forward", "attention2d_backward", "Attention2DFunction", "comm_ops",
            "kv_to_row_major", "kv_send_peer", "kv_recv_peer", "row_reduce_scatter", "FWD_OPS", "BWD_OPS"]

@@ -69,8 +69,8 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from attn2d.attention import AttentionImpl, register
 from attn2d.attention import kernels
+from attn2d.attention.registry import AttentionImpl, Schedule, register, single_call_schedule
 from attn2d.attention.checks import check_call
 from attn2d.attention.common import acc_dtype, check_grid_shards, grid_rank, kv_moves, permute_kv, recv_like, wire_bytes
 from attn2d.attention.layout import Span
@@ -353,4 +353,26 @@ def _registry_fn(q, k, v, *, grid, causal=True):
     return attention2d_overlap(q, k, v, grid, causal)
 
 
-register(AttentionImpl("attn2d_overlap", _registry_fn, layout="cyclic", comm_volume=comm_ops))
+def schedule(seq_len: int, rows: int, cols: int) -> Schedule:
+    """Alg. 5: `rows` steps of the own q_p against the arriving K/V block of grid row r' (positions c + r'*cols + jP),
+    then Alg. 6: cols - 1 steps of the Q block of p(r, c+i) against k_g (a staircase: R offset-causal pieces)."""
+    P = rows * cols
+    if P == 1:
+        return single_call_schedule(seq_len)
+    n = seq_len // P
+
+    def q_p(r, c):  # the column-major cyclic shard of p(r, c)
+        return (Span(r + c * rows, P, n),)
+
+    def k_t(r, c):  # the row-major shard of p(r, c) after Alg. 4 L1
+        return (Span(c + r * cols, P, n),)
+
+    sched = [[[(q_p(k // cols, k % cols), k_t((k // cols + i) % rows, k % cols))] for k in range(P)]
+             for i in range(rows)]  # Alg. 5: K/V ring along the grid column
+    sched += [[[(q_p(k // cols, (k % cols + i) % cols), (Span(k % cols, cols, seq_len // cols),))] for k in range(P)]
+              for i in range(1, cols)]  # Alg. 6: Q ring along the grid row, against the gathered k_g
+    return sched
+
+
+register(AttentionImpl("attn2d_overlap", _registry_fn, layout="cyclic", schedule=schedule, comm_ops=comm_ops,
+                       label="Attention2D-O"))

@@ -25,13 +25,11 @@ from typing import Callable
 
 import torch
 
+from attn2d.dtypes import acc_dtype
+
 INF = float("inf")
 HALF = (torch.float16, torch.bfloat16)
 FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @dataclass(frozen=True)

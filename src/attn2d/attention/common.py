@@ -1,7 +1,6 @@
 """Helpers shared by the distributed algorithms (attention2d, attention2d_overlap, ring).
 
 - input checks of the (B, N/P, H, D) shards, with the calling algorithm's name in every message;
-- dtype names (configs say "bf16") -> torch.dtype, and the bytes on the wire of the input and accumulation dtypes;
 - receive buffers for comm.send_recv;
 - the K/V column -> row-major cyclic permutation of Algorithm 1 L1 / Algorithm 4 L1 (Sec. 3.2, 3.4) and its
   inverse, shared by Attention2D-NO and Attention2D-O so that both move K/V (and dK/dV) the same way.
@@ -10,32 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from attn2d.attention.backends import acc_dtype
+from attn2d.dtypes import acc_dtype, as_dtype, wire_bytes
 from attn2d.distributed import comm
 from attn2d.distributed.grid import ProcessGrid
-
-# ---------------------------------------------------------------------------------------------- dtypes
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-          "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-          "fp64": torch.float64, "float64": torch.float64, "double": torch.float64}
-
-
-def as_dtype(dtype) -> torch.dtype:
-    """A torch.dtype, or a name of one ("bf16", "torch.float32", "double", ...) -> the torch.dtype."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    key = str(dtype).removeprefix("torch.").lower()
-    if key not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPES)} or a torch.dtype")
-    return DTYPES[key]
-
-
-def wire_bytes(dtype) -> tuple[int, int]:
-    """(e, a): bytes per element of the input dtype and of its accumulation dtype (lse, gradients: fp32; fp64 for
-    fp64 inputs), the sizes the algorithms' comm_ops price their messages with."""
-    dt = as_dtype(dtype)
-    return dt.itemsize, acc_dtype(dt).itemsize
-
 
 def recv_like(x: torch.Tensor) -> torch.Tensor:
     """A contiguous receive buffer shaped like x (gloo and comm.send_recv need contiguous buffers)."""
@@ -121,5 +97,5 @@ def grid_rank(rows: int, cols: int, rank: int | None) -> int:
     return rank
 
 
-__all__ = ["DTYPES", "as_dtype", "acc_dtype", "wire_bytes", "recv_like", "check_qkv", "check_grid_shards",
+__all__ = ["as_dtype", "acc_dtype", "wire_bytes", "recv_like", "check_qkv", "check_grid_shards",
            "kv_send_peer", "kv_recv_peer", "kv_moves", "permute_kv", "grid_rank"]

@@ -48,7 +48,8 @@ from dataclasses import dataclass
 
 import torch
 
-from attn2d.attention.backends import BACKENDS, acc_dtype, preference
+from attn2d.attention.backends import BACKENDS, preference
+from attn2d.dtypes import acc_dtype
 from attn2d.attention.layout import Span, Spans, spans_tensor
 from attn2d.attention.merge import merge_into
 

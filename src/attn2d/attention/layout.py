@@ -29,6 +29,31 @@ import torch.distributed as dist
 from attn2d.distributed.grid import ProcessGrid, check_seq_len
 
 LAYOUTS = ("cyclic", "contiguous", "zigzag", "full")
+CHUNKS_PER_RANK = {"cyclic": 1, "contiguous": 1, "zigzag": 2, "full": 1}  # seq_len must be a multiple of P x this
+
+
+def layout_multiple(layout: str, world: int) -> int:
+    """The number seq_len must be a multiple of for `layout` over `world` ranks (full: any seq_len)."""
+    if layout not in CHUNKS_PER_RANK:
+        raise ValueError(f"unknown layout {layout!r}; known layouts: {', '.join(LAYOUTS)}")
+    return 1 if layout == "full" else world * CHUNKS_PER_RANK[layout]
+
+
+def check_layout(seq_len: int, world: int, layout: str, where: str | None = None) -> None:
+    """The one divisibility rule: every rank holds the same number of positions of `layout` (GridError naming the
+    numbers and the nearest valid seq_len). `where` replaces "evenly over the <layout> layout of <world> ranks"."""
+    if layout == "full":
+        return
+    check_seq_len(seq_len, world, multiple=CHUNKS_PER_RANK[layout], what=f"{layout} layout", where=where)
+
+
+def layout_problem(seq_len: int, world: int, layout: str) -> str:
+    """check_layout as a reason string ('' when seq_len fits), for planners that list every problem at once."""
+    try:
+        check_layout(seq_len, world, layout)
+    except ValueError as e:
+        return str(e)
+    return ""
 
 
 @dataclass(frozen=True)
@@ -87,15 +112,15 @@ def layout_spans(layout: str, seq_len: int, rank: int, rows: int, cols: int = 1)
     if layout == "full":
         return (Span(0, 1, seq_len),)
     if layout == "cyclic":
-        check_seq_len(seq_len, world)
+        check_layout(seq_len, world, layout)
         r, c = divmod(rank, cols)
         return (Span(r + c * rows, world, seq_len // world),)
     if layout == "contiguous":
-        check_seq_len(seq_len, world)
+        check_layout(seq_len, world, layout)
         n = seq_len // world
         return (Span(rank * n, 1, n),)
     if layout == "zigzag":
-        check_seq_len(seq_len, world, multiple=2, what="zigzag layout")
+        check_layout(seq_len, world, layout)
         n = seq_len // (2 * world)
         return (Span(rank * n, 1, n), Span((2 * world - 1 - rank) * n, 1, n))
     raise ValueError(f"unknown layout {layout!r}; known layouts: {', '.join(LAYOUTS)}")

@@ -48,7 +48,8 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
-from attn2d.attention import AttentionImpl, kernels, register
+from attn2d.attention import kernels
+from attn2d.attention.registry import AttentionImpl, Schedule, register, single_call_schedule
 from attn2d.attention.checks import check_call
 from attn2d.attention.common import acc_dtype, check_qkv, check_shapes, wire_bytes
 from attn2d.attention.layout import Spans, layout_spans
@@ -280,9 +281,22 @@ def comm_ops(batch: int, seq_len: int, heads: int, head_dim: int, rows: int, col
     ]
 
 
-register(AttentionImpl("ring", _registered("zigzag"), layout="zigzag", comm_volume=comm_ops))
+# ---------------------------------------------------------------------------------------------- schedule
+def schedule(seq_len: int, rows: int, cols: int, layout: str = "zigzag") -> Schedule:
+    """P steps on the P = rows * cols ranks of the ring; at step s rank i holds the K/V of rank (i - s) mod P."""
+    P = rows * cols
+    if P == 1:
+        return single_call_schedule(seq_len)
+    spans = [layout_spans(layout, seq_len, k, P, 1) for k in range(P)]
+    return [[[(spans[i], spans[(i - s) % P])] for i in range(P)] for s in range(P)]
+
+
+register(AttentionImpl("ring", _registered("zigzag"), layout="zigzag", schedule=schedule, comm_ops=comm_ops,
+                       label="Ring Attention", ranks="ring"))
 register(AttentionImpl("ring_contiguous", _registered("contiguous"), layout="contiguous",
-                       comm_volume=functools.partial(comm_ops, layout="contiguous")))
+                       schedule=functools.partial(schedule, layout="contiguous"),
+                       comm_ops=functools.partial(comm_ops, layout="contiguous"),
+                       label="Ring Attention (contiguous)", ranks="ring"))
 
 __all__ = ["ring_attention", "ring_forward", "ring_backward", "RingAttentionFunction", "Ring", "step_spans", "ring_plan",
            "comm_ops", "FWD_OPS", "BWD_OPS", "LAYOUTS"]

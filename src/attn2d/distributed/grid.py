@@ -43,16 +43,17 @@ def check_grid(rows: int, cols: int, world_size: int) -> None:
         )
 
 
-def check_seq_len(seq_len: int, world_size: int, multiple: int = 1, what: str = "grid") -> None:
-    """Every rank must hold the same number of tokens: seq_len % (world_size * multiple) == 0."""
+def check_seq_len(seq_len: int, world_size: int, multiple: int = 1, what: str = "grid", where: str | None = None
+                  ) -> None:
+    """Every rank must hold the same number of tokens: seq_len % (world_size * multiple) == 0 (GridError naming the
+    numbers and the nearest valid seq_len; `where` replaces "evenly over the <what> of <world_size> ranks")."""
     need = world_size * multiple
     if seq_len % need != 0:
         lo, hi = (seq_len // need) * need, (seq_len // need + 1) * need
-        raise GridError(
-            f"seq_len {seq_len} cannot be split evenly over the {what} of {world_size} ranks"
-            f"{f' x {multiple} chunks' if multiple > 1 else ''}: it must be a multiple of {need} "
-            f"(nearest: {lo or need} or {hi})"
-        )
+        where = where or (f"evenly over the {what} of {world_size} ranks"
+                          f"{f' x {multiple} chunks' if multiple > 1 else ''}")
+        raise GridError(f"seq_len {seq_len} cannot be split {where}: it must be a multiple of {need} "
+                        f"(nearest: {lo or need} or {hi})")
 
 
 def check_timeout(timeout_s, what: str = "timeout_s") -> datetime.timedelta:
