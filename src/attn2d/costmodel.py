@@ -513,7 +513,10 @@ def attention_schedule(algorithm: str, seq_len: int, rows: int, cols: int) -> li
     """schedule[step][rank]: the algorithm's own schedule (attn2d.attention.get_attention(name).schedule)."""
     from attn2d.attention import get_attention
 
-    return get_attention(algorithm).schedule(seq_len, rows, cols)
+    impl = get_attention(algorithm)
+    if impl.schedule is None:
+        raise ValueError(f"attention {algorithm!r} registers no schedule, so the cost model cannot price its compute")
+    return impl.schedule(seq_len, rows, cols)
 
 
 def call_work(call: Call, causal: bool, bottom_right: bool = True) -> tuple[int, int, int, int]:

@@ -26,7 +26,8 @@ class AttentionImpl:
     comm_ops(batch, seq_len, heads, head_dim, rows, cols, dtype, causal, rank=None, kv_heads=None) -> [CommOp]:
         the analytic per-rank communication, op by op, as attn2d.distributed.comm counts it (None: none).
     schedule(seq_len, rows, cols) -> Schedule: the block-attention calls of every rank in every synchronous step
-        of the forward (the backward visits the same blocks in the same steps); the cost model prices it.
+        of the forward (the backward visits the same blocks in the same steps); the cost model prices it (None: the
+        cost model and the advisor cannot price this algorithm and say so).
     label: the name tables and figures print.
     ranks: "grid" (rows x cols matters), "ring" (a 1-D group: the cost model runs it as P x 1), "one" (world 1).
     """
@@ -34,7 +35,7 @@ class AttentionImpl:
     name: str
     fn: Callable
     layout: str
-    schedule: Callable[[int, int, int], Schedule]
+    schedule: Callable[[int, int, int], Schedule] | None = None
     comm_ops: Callable | None = None
     label: str = ""
     ranks: str = "grid"
