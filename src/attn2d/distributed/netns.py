@@ -169,10 +169,6 @@ class Cluster:
     def addr(self, k: int, rail: int = 0) -> str:
         return f"10.99.{rail}.{k + 1}"
 
-    def nics(self) -> list[tuple[str, str]]:
-        """(node namespace, iface) of every NIC."""
-        return [(self.node_ns(k), f"eth{j}") for k in range(self.nodes) for j in range(self.rails)]
-
     # ------------------------------------------------------------------ build / tear down
     def _tbf(self, ns: str, dev: str) -> None:
         rate_b = self.rate_bits / 8
@@ -298,17 +294,6 @@ class Cluster:
             for f in logs:
                 f.close()
         return [p.returncode for p in procs]
-
-    def counters(self) -> dict[str, dict[str, int]]:
-        """{"n<k>:eth<j>": {"tx": bytes, "rx": bytes}} of every node NIC, read from /sys/class/net inside it."""
-        out = {}
-        for k in range(self.nodes):
-            for j in range(self.rails):
-                r = _run(["ip", "netns", "exec", self.node_ns(k), "cat", f"/sys/class/net/eth{j}/statistics/tx_bytes",
-                          f"/sys/class/net/eth{j}/statistics/rx_bytes"])
-                tx, rx = (int(x) for x in r.stdout.split())
-                out[f"n{k}:eth{j}"] = {"tx": tx, "rx": rx}
-        return out
 
     def describe(self) -> dict:
         return {"nodes": self.nodes, "ranks_per_node": self.ranks_per_node, "nic": self.nic, "rate": self.rate,
