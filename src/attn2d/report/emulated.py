@@ -123,8 +123,7 @@ def speedup_figure(sp: pd.DataFrame, out: str | Path, note: str | None = None) -
         ax.set_ylabel(f"speedup over {baseline}")
         ax.legend(fontsize=7)
     fig.suptitle(f"Speedup over {baseline}, {LABEL}", fontsize=9)
-    save_figure(fig, out)
-    plt.close(fig)
+    save_figure(fig, out)  # closes fig
 
 
 def main(argv=None) -> int:
