@@ -22,12 +22,14 @@ import os
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from attn2d import records
-from attn2d.distributed.emulate import run_cell, unavailable_reason
+from attn2d.attention import get_attention
+from attn2d.distributed.emulate import run_cell
 from attn2d.distributed.emulate_model import validate_record
+from attn2d.distributed.netns import unavailable_reason
 
 LAYOUTS = {  # name: (rows, cols, ranks_per_node, nic)
     "P9_9x1": (3, 3, 1, "shared"),
@@ -35,8 +37,7 @@ LAYOUTS = {  # name: (rows, cols, ranks_per_node, nic)
     "P16_4x4_shared": (4, 4, 4, "shared"),
     "P16_4x4_rails": (4, 4, 4, "rails"),
 }
-ALGS = ("ring", "attn2d", "attn2d_overlap")
-NAMES = {"ring": "Ring", "attn2d": "NO", "attn2d_overlap": "O"}
+ALGS = ("ring", "attn2d", "attn2d_overlap")  # the first is the baseline of the speedups
 
 
 def main(argv=None) -> int:
@@ -66,7 +67,7 @@ def main(argv=None) -> int:
                                timeout_s=a.timeout_s)
                 row = {"layout": lay, "algorithm": alg, "status": res["status"], "rate": a.rate, "seq_len": a.seq,
                        "load_avg_1_5_15": load, "wall_s": time.monotonic() - t0,
-                       "when": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                       "when": datetime.now(UTC).isoformat(timespec="seconds")}
                 if res["status"] == "ok":
                     v = validate_record(records.read_record(run_dir))
                     row.update({k: v[k] for k in ("measured_s", "predicted_s", "rel_error", "counted_bytes",
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
                 rows_out.append(row)
     ok = {(x["layout"], x["algorithm"]): x for x in rows_out if x["status"] == "ok"}
     for x in rows_out:
-        ring = ok.get((x["layout"], "ring"))
+        ring = ok.get((x["layout"], ALGS[0]))
         if ring and x["status"] == "ok":
             x["speedup_vs_ring"] = ring["measured_s"] / x["measured_s"]
             x["ring_wire_ratio"] = ring["wire_busiest_node_tx"] / x["wire_busiest_node_tx"]
@@ -87,14 +88,15 @@ def main(argv=None) -> int:
             f.write(json.dumps(x) + "\n")
     print(f"\nmeasured on an emulated network (tbf, {a.rate} per NIC, no latency emulation), tiny GPT N={a.seq}, "
           f"median of {a.steps} steps; load average at start {rows_out[0]['load_avg_1_5_15'][0]:.1f}")
-    hdr = (f"{'layout':16} {'alg':4} {'step s':>7} {'model s':>7} {'err':>6} {'busiest MB':>10} {'model MB':>8} "
+    hdr = (f"{'layout':16} {'alg':14} {'step s':>7} {'model s':>7} {'err':>6} {'busiest MB':>10} {'model MB':>8} "
            f"{'speedup':>7} {'wire ratio':>10}")
     print(hdr)
     for x in rows_out:
+        label = get_attention(x["algorithm"]).label
         if x["status"] != "ok":
-            print(f"{x['layout']:16} {NAMES[x['algorithm']]:4} failed")
+            print(f"{x['layout']:16} {label:14} failed")
             continue
-        print(f"{x['layout']:16} {NAMES[x['algorithm']]:4} {x['measured_s']:7.3f} {x['predicted_s']:7.3f} "
+        print(f"{x['layout']:16} {label:14} {x['measured_s']:7.3f} {x['predicted_s']:7.3f} "
               f"{x['rel_error']:+6.0%} {x['wire_busiest_node_tx'] / 1e6:10.2f} {x['pred_busiest_node_tx'] / 1e6:8.2f} "
               f"{x.get('speedup_vs_ring', float('nan')):7.2f} {x.get('ring_wire_ratio', float('nan')):10.2f}")
     for lay in dict.fromkeys(x["layout"] for x in rows_out):

@@ -1,5 +1,6 @@
-"""The emulated cluster (attn2d.distributed.emulate): shaped links hold their rate, gloo traffic between nodes
-crosses them and traffic inside a node does not, and nothing is left behind (success, failure, SIGTERM, SIGKILL).
+"""The emulated cluster (attn2d.distributed.netns, .wire, .emulate): shaped links hold their rate, gloo traffic
+between nodes crosses them and traffic inside a node does not, and nothing is left behind (success, failure, SIGTERM,
+SIGKILL).
 
 Skipped, with the reason, where network namespaces cannot be made (not root, no CAP_NET_ADMIN, no iproute2)."""
 import json
@@ -7,22 +8,26 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import pytest
 
 from attn2d import records
-from attn2d.distributed import emulate
-from attn2d.distributed.emulate import Cluster, list_namespaces, rate_bytes_per_s
+from attn2d.config import ConfigError, compose, validate
+from attn2d.costmodel import Workload, load_model
+from attn2d.distributed import emulate, netns, wire
+from attn2d.distributed.comm import CommOp
+from attn2d.distributed.emulate_model import TCP_PAYLOAD, emulated_hardware, gloo_ops, predicted_node_tx, step_ops
+from attn2d.distributed.netns import Cluster, list_namespaces, rate_bytes_per_s
+from attn2d.report import emulated
 
-REASON = emulate.unavailable_reason()
+REASON = netns.unavailable_reason()
 needs_netns = pytest.mark.skipif(REASON is not None, reason=f"emulation unavailable: {REASON}")
 PY = sys.executable
 
 
 def _mine() -> list[str]:
-    return list_namespaces(f"{emulate.PREFIX}{os.getpid()}-")
+    return list_namespaces(f"{netns.PREFIX}{os.getpid()}-")
 
 
 def _root_veths() -> list[str]:
@@ -31,9 +36,9 @@ def _root_veths() -> list[str]:
 
 
 def test_unavailable_names_what_is_missing(monkeypatch):
-    monkeypatch.setattr(emulate.shutil, "which", lambda tool: None if tool == "ip" else "/bin/" + tool)
-    assert "`ip` (iproute2) is not installed" in emulate.unavailable_reason()
-    with pytest.raises(emulate.EmulationUnavailable, match="ip"):
+    monkeypatch.setattr(netns.shutil, "which", lambda tool: None if tool == "ip" else "/bin/" + tool)
+    assert "`ip` (iproute2) is not installed" in netns.unavailable_reason()
+    with pytest.raises(netns.EmulationUnavailable, match="ip"):
         Cluster(2).up()
 
 
@@ -84,7 +89,7 @@ def test_shaper_holds_the_rate(rate):
 _GATHER = """
 import json, os, sys, datetime
 import torch, torch.distributed as dist
-from attn2d.distributed.emulate import read_wire, wire_delta
+from attn2d.distributed.wire import read_wire, wire_delta
 dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
 rank = dist.get_rank()
 local = dist.new_group([0, 1]), dist.new_group([2, 3])
@@ -156,7 +161,7 @@ def test_teardown_after_a_signal(sig):
         assert left == []
     else:
         assert left == info["namespaces"]
-        assert set(left) <= set(emulate.clean_stale())  # the owner is gone: removed
+        assert set(left) <= set(netns.clean_stale())  # the owner is gone: removed
         assert not [ns for ns in info["namespaces"] if ns in list_namespaces()]
     out = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
     assert "n0r0" not in out and "br0" not in out
@@ -183,23 +188,18 @@ def test_training_cell_records_the_emulation(tmp_path):
 
 
 def test_placement_setting_is_validated():
-    from attn2d.config import ConfigError, compose, validate
-
     with pytest.raises(ConfigError, match="grid.placement"):
         validate(compose(["grid=2x2", "attention=attn2d", "grid.placement=diagonal"]), world_size=4)
     with pytest.raises(ConfigError, match="3 entries"):
         validate(compose(["grid=2x2", "attention=attn2d", "grid.placement=[0,0,1]"]), world_size=4)
-    assert validate(compose(["grid=2x2", "attention=attn2d", "grid.placement=col"]), world_size=4).grid.placement == "col"
+    cfg = validate(compose(["grid=2x2", "attention=attn2d", "grid.placement=col"]), world_size=4)
+    assert cfg.grid.placement == "col"
 
 
 def test_emulated_profile_and_wire_prediction_follow_the_placement():
     """The profile is the configured rate (x TCP payload share), not a fit; wire bytes per node come from the op
     edges that leave a node: Ring on 2 nodes x 2 ranks sends only ranks 1 -> 2 and 3 -> 0 off-node; gloo's
     reduce_scatter is priced at twice its logical bytes."""
-    from attn2d.costmodel import Workload, load_model
-    from attn2d.distributed.comm import CommOp
-    from attn2d.distributed.emulate_model import TCP_PAYLOAD, emulated_hardware, gloo_ops, predicted_node_tx, step_ops
-
     hw = emulated_hardware("80mbit", "rails", 4)
     assert hw.inter_rank_bw_bytes_per_s == pytest.approx(1e7 * TCP_PAYLOAD)
     assert hw.inter.bw_bytes_per_s == pytest.approx(4e7 * TCP_PAYLOAD) and hw.gpus_per_node == 4
@@ -215,8 +215,6 @@ def test_emulated_profile_and_wire_prediction_follow_the_placement():
 
 
 def test_report_says_why_it_was_skipped(tmp_path):
-    from attn2d.report import emulated
-
     emulated.write(tmp_path / "none", tmp_path / "t" / "emulated_speedup", tmp_path / "f" / "speedup",
                    note="no CAP_NET_ADMIN")
     assert "Skipped: no CAP_NET_ADMIN" in (tmp_path / "t" / "emulated_speedup.md").read_text()
@@ -245,8 +243,9 @@ def test_a_rank_on_the_wrong_node_is_refused(monkeypatch):
     col: a grid column per node)."""
     monkeypatch.setenv("ATTN2D_NODE", "0")
     monkeypatch.setenv("ATTN2D_RANKS_PER_NODE", "2")
-    emulate.check_node(1, 2, 2, "row")  # ranks 0, 1 on node 0
-    with pytest.raises(RuntimeError, match="rank 1 runs on emulated node 0, but grid.placement 'col' puts it on node 1"):
-        emulate.check_node(1, 2, 2, "col")
+    wire.check_node(1, 2, 2, "row")  # ranks 0, 1 on node 0
+    with pytest.raises(RuntimeError,
+                       match="rank 1 runs on emulated node 0, but grid.placement 'col' puts it on node 1"):
+        wire.check_node(1, 2, 2, "col")
     monkeypatch.delenv("ATTN2D_NODE")
-    emulate.check_node(1, 2, 2, "col")  # outside an emulated cluster: nothing to check
+    wire.check_node(1, 2, 2, "col")  # outside an emulated cluster: nothing to check

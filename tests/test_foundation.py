@@ -5,8 +5,7 @@ import torch
 from attn2d.attention import kernels, layout, merge
 from attn2d.attention.layout import Span
 from attn2d.attention.reference import reference_attention
-from attn2d.distributed import GridError, ProcessGrid, check_grid, check_seq_len, count_comm, parse_grid
-from attn2d.distributed import comm
+from attn2d.distributed import GridError, ProcessGrid, check_grid, check_seq_len, comm, count_comm, parse_grid
 from attn2d.testing import DistributedError, run_distributed
 
 
@@ -88,7 +87,7 @@ def _comm_worker(rank, world):
 
 def test_comm_counts_and_results_on_gloo():
     res = run_distributed(4, _comm_worker)
-    for rank, r in enumerate(res):
+    for r in res:
         row, col = r["rc"]
         assert torch.equal(r["row"][:, 0], torch.tensor([float(row * 2)] * 3 + [float(row * 2 + 1)] * 3))
         col_ranks = [col, 2 + col]

@@ -39,7 +39,7 @@ from attn2d.attention.checks import RankMismatchError, check_heads
 from attn2d.config import ConfigError, Settings, gpt_config, timeout_s_of, validate
 from attn2d.distributed import GridError, ProcessGrid, comm, count_comm, destroy_distributed, init_distributed
 from attn2d.distributed import health
-from attn2d.distributed.emulate import check_node, read_wire, wire_delta
+from attn2d.distributed.wire import check_node, read_wire, wire_delta
 from attn2d.distributed.health import CollectiveError
 from attn2d.distributed.parallelize import GRAD_BUCKET_BYTES
 from attn2d.dtypes import acc_dtype, itemsize

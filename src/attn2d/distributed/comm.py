@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -142,7 +142,8 @@ def all_gather(x: torch.Tensor, group: dist.ProcessGroup | None, dim: int = 0, o
     return torch.cat(out.unbind(0), dim=dim)  # x.shape with dim scaled by g
 
 
-def reduce_scatter(blocks: Sequence[torch.Tensor], group: dist.ProcessGroup | None, op: str = "reduce_scatter") -> torch.Tensor:
+def reduce_scatter(blocks: Sequence[torch.Tensor], group: dist.ProcessGroup | None,
+                   op: str = "reduce_scatter") -> torch.Tensor:
     """Sum over ranks of blocks[my_rank]: rank i receives sum_j blocks_j[i]. All blocks have one shape."""
     g = group_size(group)
     if len(blocks) != g:
@@ -157,7 +158,8 @@ def reduce_scatter(blocks: Sequence[torch.Tensor], group: dist.ProcessGroup | No
     return out
 
 
-def all_to_all(blocks: Sequence[torch.Tensor], group: dist.ProcessGroup | None, op: str = "all_to_all") -> list[torch.Tensor]:
+def all_to_all(blocks: Sequence[torch.Tensor], group: dist.ProcessGroup | None,
+               op: str = "all_to_all") -> list[torch.Tensor]:
     """blocks[j] goes to rank j; returns the list of blocks received, indexed by source rank.
 
     Every block must have the same shape and dtype on every rank (what the attention code needs)."""

@@ -1,4 +1,4 @@
-"""The cost model on an emulated cluster (attn2d.distributed.emulate): a hardware profile built from the configured
+"""The cost model on an emulated cluster (attn2d.distributed.netns): a hardware profile built from the configured
 link rate (nothing fitted to the emulated timings), what gloo puts on the wire, and predicted vs measured per cell.
 
 - Profile: this machine's measured CPU profile (conf/hardware/local_cpu.yaml: compute, same-node gloo over
@@ -17,10 +17,22 @@ from __future__ import annotations
 import statistics
 from dataclasses import replace
 
-from attn2d.costmodel import (CommOp, Hardware, Link, Workload, comm_ops_for, grad_sync_ops, load_hardware,
-                              model_from_dict, op_edges, ring_grid, step_time)
-from attn2d.distributed.emulate import rate_bytes_per_s
+from attn2d.attention import get_attention
+from attn2d.costmodel import (
+    CommOp,
+    Hardware,
+    Link,
+    Workload,
+    comm_ops_for,
+    grad_sync_ops,
+    load_hardware,
+    op_edges,
+    step_time,
+)
+from attn2d.distributed.netns import rate_bytes_per_s
 from attn2d.distributed.placement import rank_nodes
+from attn2d.dtypes import acc_dtype
+from attn2d.model import GPTConfig
 
 TCP_PAYLOAD = 1448 / 1514  # payload bytes per Ethernet frame byte (MSS 1448 with TCP timestamps, MTU 1500)
 GLOO_WIRE_FACTOR = {"reduce_scatter": 2.0}  # bytes gloo sends / bytes the op logically moves
@@ -51,26 +63,27 @@ def gloo_ops(ops) -> list[CommOp]:
 def _record_setup(rec):
     c, cfg = rec.cell, rec.header.get("config") or {}
     b = cfg.get("benchmark") or {}
-    shape = model_from_dict(dict(cfg.get("model") or {}), name=str(c.get("model")))
+    shape = GPTConfig.from_mapping(cfg.get("model") or {}, name=str(c.get("model")))
     dtype = str(c.get("dtype") or "float32")
     wl = Workload(seq_len=int(c["seq_len"]), batch_size=int(c["batch_size"]), dtype=dtype,
                   causal=bool((cfg.get("attention") or {}).get("causal", True)), fsdp=bool(b.get("fsdp", False)),
                   activation_checkpointing=bool(b.get("activation_checkpointing", False)),
-                  grad_bytes=8 if dtype == "float64" else 4)
+                  grad_bytes=acc_dtype(dtype).itemsize)  # gradients in the accumulation dtype
     return shape, wl, str(c["attention"]), int(c["rows"]), int(c["cols"])
 
 
 def step_ops(alg: str, shape, wl: Workload, rows: int, cols: int) -> list[tuple[CommOp, int, int, int]]:
     """(op, times per step, rows, cols of the grid it runs on) for one training step: attention ops of every layer
     (the forward twice with checkpointing) and the gradient sync over the world in rank order."""
-    r, k = ring_grid(rows * cols) if alg.startswith("ring") else (rows, cols)
+    r, k = get_attention(alg).cost_grid(rows, cols)
     L = shape.n_layer
     out = [(op, L * (2 if (wl.activation_checkpointing and op.phase == "fwd") else 1), r, k)
            for op in comm_ops_for(alg, shape, wl, r, k)]
     return out + [(op, 1, rows * cols, 1) for op in grad_sync_ops(shape, wl, rows * cols)]
 
 
-def predicted_node_tx(alg, shape, wl, rows, cols, ranks_per_node, placement="row", gloo: bool = True) -> dict[int, float]:
+def predicted_node_tx(alg, shape, wl, rows, cols, ranks_per_node, placement="row", gloo: bool = True
+                      ) -> dict[int, float]:
     """Bytes each node sends to other nodes per step (payload, as the veth counters see it)."""
     nodes = rank_nodes(rows, cols, ranks_per_node, placement)  # grid rank -> node (ring: rank order, same ranks)
     tx: dict[int, float] = {n: 0.0 for n in set(nodes)}
@@ -90,7 +103,7 @@ def validate_record(rec) -> dict:
     shape, wl, alg, rows, cols = _record_setup(rec)
     pl, G, nic = em.get("placement", "row"), int(em["ranks_per_node"]), str(em["nic"])
     hw = emulated_hardware(em["rate"], nic, G, pl)
-    r, k = ring_grid(rows * cols) if alg.startswith("ring") else (rows, cols)
+    r, k = get_attention(alg).cost_grid(rows, cols)
     ops = comm_ops_for(alg, shape, wl, r, k)
     st = step_time(alg, shape, wl, rows, cols, hw, comm_ops=gloo_ops(ops))
     measured = statistics.median(s["step_time_s"] for s in rec.steps)

@@ -92,7 +92,8 @@ class ProcessGrid:
 
     def __post_init__(self) -> None:
         if not dist.is_initialized():
-            raise GridError("ProcessGrid needs torch.distributed to be initialised (attn2d.distributed.init_distributed)")
+            raise GridError("ProcessGrid needs torch.distributed to be initialised "
+                            "(attn2d.distributed.init_distributed)")
         world = dist.get_world_size(self.group)
         timeout = health.group_timeout(self.group) if self.timeout_s is None else check_timeout(self.timeout_s)
         health.start_heartbeat(health.heartbeat_period(timeout.total_seconds()))
@@ -146,14 +147,3 @@ class ProcessGrid:
     def global_rank(self, r: int, c: int) -> int:
         """World rank of processor p(r, c) (what point-to-point calls take)."""
         return self.global_ranks[self.grid_rank(r, c)]
-
-    @property
-    def is_square(self) -> bool:
-        return self.rows == self.cols
-
-    @property
-    def transpose_peer(self) -> tuple[int, int]:
-        """(r, c) of the transpose peer p(c, r) of Algorithm 1 L1 (square grids only)."""
-        if not self.is_square:
-            raise GridError(f"grid {self.rows}x{self.cols} is not square: it has no transpose peer")
-        return self.col, self.row

@@ -18,6 +18,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch.distributed import distributed_c10d as c10d
 
 _NAMES: dict[int, str] = {}  # id(group) -> name
 _HEARTBEAT: dict = {}  # "thread", "period", "store"
@@ -35,8 +36,6 @@ class CollectiveError(RuntimeError):
 # ---------------------------------------------------------------------------------------------- timeouts
 def group_timeout(group: dist.ProcessGroup | None = None) -> datetime.timedelta:
     """The timeout of `group` (default: the world group, i.e. init_process_group's `timeout`)."""
-    from torch.distributed import distributed_c10d as c10d
-
     pg = group if group is not None else c10d._get_default_group()
     for dev in ("cpu", "cuda"):
         try:
@@ -83,8 +82,6 @@ def heartbeat_period(timeout_s: float) -> float:
 
 def start_heartbeat(period: float | None = None) -> None:
     """Start (once per default process group) this rank's heartbeat thread; nothing for a world of one."""
-    from torch.distributed import distributed_c10d as c10d
-
     if dist.get_world_size() == 1:
         return
     store = c10d._get_default_store()
@@ -133,7 +130,7 @@ def silent_ranks(ranks: list[int], watch_s: float | None = None) -> tuple[list[i
         time.sleep(watch_s)
         after = {r: store.add(f"{_PREFIX}{r}", 0) for r in ranks}
         failed = [r for r in ranks if store.add(f"{_FAILED}{r}", 0)]
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - the store cannot be read (its host is gone): None, as documented
         return None
     finally:
         with contextlib.suppress(Exception):

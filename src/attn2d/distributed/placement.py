@@ -12,10 +12,11 @@ Placements:
 """
 from __future__ import annotations
 
-from typing import Sequence, Union
+from collections import Counter
+from collections.abc import Sequence
 
 PLACEMENTS = ("row", "col")
-Placement = Union[str, Sequence[int]]
+Placement = str | Sequence[int]
 
 
 def _check(rows: int, cols: int, ranks_per_node: int) -> None:
@@ -49,8 +50,6 @@ def rank_nodes(rows: int, cols: int, ranks_per_node: int, placement: Placement =
     """[node_of(k) for every rank k]; an explicit list is validated (no node holds more than ranks_per_node)."""
     out = [node_of(k, rows, cols, ranks_per_node, placement) for k in range(rows * cols)]
     if not isinstance(placement, str):
-        from collections import Counter
-
         over = {n: c for n, c in Counter(out).items() if c > ranks_per_node}
         if over:
             raise ValueError(f"explicit placement puts more than ranks_per_node={ranks_per_node} ranks on node(s) "

@@ -11,15 +11,18 @@ Every output says "measured on an emulated network (tbf, R per node, no latency 
 from __future__ import annotations
 
 import argparse
-import statistics
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import pandas as pd
 
 from attn2d import records
+from attn2d.attention import get_attention
+from attn2d.distributed.emulate_model import validate_record
+from attn2d.report.figures import save_figure
 
 LABEL = "measured on an emulated network (tbf, R per node, no latency emulation)"
-NAMES = {"ring": "Ring", "attn2d": "Attention2D-NO", "attn2d_overlap": "Attention2D-O"}
+BASELINE = "ring"  # the algorithm every speedup is over
 KEY = ["P", "grid", "nodes", "ranks_per_node", "nic", "rate", "placement", "seq_len"]
 TARGETS = {"time": 0.15, "wire": 0.10}  # median |step-time error|, max |wire-byte error|
 
@@ -41,18 +44,16 @@ def load(runs: str | Path) -> tuple[list, list[str]]:
 
 
 def tables(recs) -> tuple[pd.DataFrame, pd.DataFrame]:
-    from attn2d.distributed.emulate_model import validate_record
-
     val = pd.DataFrame([validate_record(r) for r in recs])
     if val.empty:
         return val, val
     sp = val[KEY + ["algorithm", "measured_s", "wire_busiest_node_tx"]].copy()
-    ring = sp[sp.algorithm == "ring"].set_index(KEY)
+    ring = sp[sp.algorithm == BASELINE].set_index(KEY)
     sp["speedup_vs_ring"] = [ring.measured_s.get(tuple(r[k] for k in KEY), float("nan")) / r.measured_s
                              for _, r in sp.iterrows()]
     sp["ring_wire_ratio"] = [ring.wire_busiest_node_tx.get(tuple(r[k] for k in KEY), float("nan"))
                              / r.wire_busiest_node_tx for _, r in sp.iterrows()]
-    sp["algorithm"] = sp.algorithm.map(lambda a: NAMES.get(a, a))
+    sp["algorithm"] = sp.algorithm.map(lambda a: get_attention(a).label)
     return sp.sort_values(KEY + ["algorithm"]).reset_index(drop=True), val
 
 
@@ -71,7 +72,7 @@ def write(runs, out: str | Path, figure: str | Path | None = None, note: str | N
     recs, notes = load(runs) if note is None else ([], [])
     sp, val = tables(recs) if recs else (pd.DataFrame(), pd.DataFrame())
     s = summary(val)
-    head = f"# Emulated cluster: speedup over Ring Attention\n\n{LABEL}.\n\n"
+    head = f"# Emulated cluster: speedup over {get_attention(BASELINE).label}\n\n{LABEL}.\n\n"
     if note:
         head += f"Skipped: {note}\n"
     sp.to_csv(out.with_suffix(".csv"), index=False)
@@ -99,23 +100,17 @@ def write(runs, out: str | Path, figure: str | Path | None = None, note: str | N
 
 
 def speedup_figure(sp: pd.DataFrame, out: str | Path, note: str | None = None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from attn2d.report.figures import save_figure
-
+    baseline = get_attention(BASELINE).label
     fig, ax = plt.subplots(figsize=(8, 3.8))
     if sp.empty:
         ax.text(0.5, 0.5, f"no emulated cells\n{note or ''}", ha="center", va="center", wrap=True)
         ax.axis("off")
     else:
-        d = sp[sp.algorithm != "Ring"].copy()
+        d = sp[sp.algorithm != baseline].copy()
         d["layout"] = [f"P={r.P}\n{r.nodes}x{r.ranks_per_node}" + (f" {r.nic}" if r.ranks_per_node > 1 else "")
                        + f"\n{r.rate}" for _, r in d.iterrows()]
         layouts = list(dict.fromkeys(d.sort_values(["P", "ranks_per_node", "nic", "rate"]).layout))
-        algs = [a for a in ("Attention2D-NO", "Attention2D-O") if a in set(d.algorithm)]
+        algs = sorted(set(d.algorithm))
         w = 0.8 / max(1, len(algs))
         for i, a in enumerate(algs):
             sub = d[d.algorithm == a].set_index("layout")
@@ -125,11 +120,10 @@ def speedup_figure(sp: pd.DataFrame, out: str | Path, note: str | None = None) -
                        color="k", zorder=3, label="Ring / its busiest-NIC bytes" if i == 0 else None)
         ax.axhline(1.0, ls="--", color="gray", lw=1)
         ax.set_xticks(range(len(layouts)), layouts, fontsize=7)
-        ax.set_ylabel("speedup over Ring Attention")
+        ax.set_ylabel(f"speedup over {baseline}")
         ax.legend(fontsize=7)
-    fig.suptitle(f"Speedup over Ring Attention, {LABEL}", fontsize=9)
-    save_figure(fig, out)
-    plt.close(fig)
+    fig.suptitle(f"Speedup over {baseline}, {LABEL}", fontsize=9)
+    save_figure(fig, out)  # closes fig
 
 
 def main(argv=None) -> int:

@@ -1,4 +1,4 @@
-"""Hydra launcher `emulated`: every sweep point runs `attn2d.train` on an emulated cluster on this machine
+"""Hydra launcher `emulated`: every sweep point runs `attn2d.train` on an emulated cluster on the local machine
 (attn2d.distributed.emulate): one network namespace per node, each rank started inside its node's namespace
 (`ip netns exec`, its own session, killed by process group on timeout or first failure), gloo on the shaped links.
 
@@ -10,24 +10,34 @@ NIC carried per timed step.
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
-from hydra._internal.core_plugins.basic_launcher import BasicLauncher
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, filter_overrides, run_job, setup_globals
+from hydra.plugins.launcher import Launcher
+from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 log = logging.getLogger(__name__)
 
 
-class EmulatedLauncher(BasicLauncher):
+class EmulatedLauncher(Launcher):
     def __init__(self, ranks_per_node: int = 1, nic: str = "shared", rate: str = "100mbit", timeout_s: float = 600,
                  **_: Any) -> None:
         super().__init__()
         self.defaults = {"ranks_per_node": ranks_per_node, "nic": nic, "rate": rate, "timeout_s": timeout_s}
+        self.config: DictConfig | None = None
+        self.hydra_context: HydraContext | None = None
         self._overrides: list[str] = []
 
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        """Keep the context and config; the task is always the emulated cell, not `task_function`."""
+        self.config, self.hydra_context = config, hydra_context
+
     def _cell(self, cfg: DictConfig) -> dict:
+        # here, not at the top: Hydra imports every plugin module whenever any Hydra app or compose() starts, and
+        # this one pulls in torch
         from attn2d.distributed.emulate import run_cell
 
         hc = HydraConfig.get()
