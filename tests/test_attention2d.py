@@ -7,8 +7,7 @@ from attn2d.attention import get_attention, layout
 from attn2d.attention.attention2d import BWD_OPS, FWD_OPS, attention2d, comm_ops, kv_recv_peer, kv_send_peer
 from attn2d.distributed import GridError, ProcessGrid, count_comm
 from attn2d.distributed.comm import total_comm
-from attn2d.testing import (assert_errors_match, assert_matches_reference, call_errors, random_case,
-                            run_distributed)
+from attn2d.testing import assert_errors_match, assert_matches_reference, call_errors, random_case, run_distributed
 
 B, H, D = 2, 3, 80  # head_dim of GPT-3 2.7B
 N = 36  # divisible by every P used: 1, 4, 6, 9
