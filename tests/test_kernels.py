@@ -384,7 +384,7 @@ def test_default_backend_matches_reference():
 # ---------------------------------------------------------------- CUDA adapters: schema binding on meta tensors
 @pytest.mark.parametrize("name", ["cuda_flash", "cuda_efficient", "cudnn"])
 def test_cuda_adapters_bind_to_torch_op_schemas(name):
-    """Not a numerical test (no GPU here): runs every piece kind through the adapter on meta tensors, which
+    """Not a numerical test: runs every piece kind through the adapter on meta tensors, which
     dispatches to torch's meta kernels and so checks argument count, order, types and output shapes."""
     impl = backends.BACKENDS[name]
     mask_impl = impl if impl.supports_mask else backends.BACKENDS["cuda_efficient"]
@@ -456,7 +456,7 @@ def _fake_flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=Fal
 
 
 def test_flash_attn_adapter_follows_its_documented_interface(monkeypatch):
-    """Not the real package (no GPU here): a stand-in with flash-attn 2.7+'s signatures checks that the adapter
+    """Not the real package: a stand-in with flash-attn 2.7+'s signatures checks that the adapter
     finds the version, passes arguments in the documented order and reads lse / fills dq, dk, dv as documented."""
     fai = types.ModuleType("flash_attn.flash_attn_interface")
     fai.flash_attn_func, fai._flash_attn_backward = _fake_flash_attn_func, _fake_flash_attn_backward
