@@ -11,12 +11,17 @@ import contextlib
 import dataclasses
 import datetime
 import os
+import re
 import tempfile
 import traceback
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from attn2d import costmodel as cm
+from attn2d.attention import backends, layout
+from attn2d.attention.reference import reference_attention
 
 
 def _worker(rank: int, world_size: int, init_file: str, out_dir: str, fn, args, timeout_s: float) -> None:
@@ -92,8 +97,6 @@ def call_errors(calls: dict) -> dict:
 
 def assert_errors_match(errors: dict, expected: dict) -> None:
     """Every named call raised, with a message matching its regex."""
-    import re
-
     for name, pattern in expected.items():
         assert errors[name] is not None, f"{name}: no error raised"
         assert re.search(pattern, errors[name]), f"{name}: {errors[name]!r} !~ {pattern!r}"
@@ -106,8 +109,6 @@ def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 def assemble(shards: list, lay: str, seq_len: int, rows: int, cols: int) -> torch.Tensor:
     """Put every rank's shard (B, N/P, H, D), in rank order, back at its layout positions: (B, N, H, D) float64."""
-    from attn2d.attention import layout
-
     b, _, h, d = shards[0].shape  # h: q's or k's heads, whichever the shards are
     full = torch.zeros(b, seq_len, h, d, dtype=torch.float64)
     for rank, x in enumerate(shards):
@@ -119,8 +120,6 @@ def assert_matches_reference(case: dict, results: list, lay: str, rows: int, col
                              label: str) -> None:
     """Each rank's out, dq, dk, dv (in `results`, rank order) equal the float64 single-device reference computed on
     the case's inputs rounded to the run's dtype, to relative error < tol; and come back in that dtype."""
-    from attn2d.attention.reference import reference_attention
-
     dt = getattr(torch, case["dtype"]) if isinstance(case["dtype"], str) else case["dtype"]
     q, k, v = (case[x].to(dt).double().requires_grad_() for x in "qkv")
     ref, _ = reference_attention(q, k, v, causal=case["causal"])
@@ -136,8 +135,6 @@ def assert_matches_reference(case: dict, results: list, lay: str, rows: int, col
 def counting_backend_calls(name: str):
     """Wrap attention backend `name`'s entry points while inside; yields the list of calls made through them, each
     ("fwd" | "bwd", rows, keys). The kernel layer looks the backend up at every call, so this sees them all."""
-    from attn2d.attention import backends
-
     impl, calls = backends.BACKENDS[name], []
 
     def fwd(q, k, v, **kw):
@@ -157,8 +154,6 @@ def counting_backend_calls(name: str):
 
 def synthetic_hardware(**kw):
     """A hand-made two-level cost-model network with round numbers (expected times can be written down by hand)."""
-    from attn2d import costmodel as cm
-
     base = dict(name="synthetic", gpus_per_node=4, matmul_flops_per_s=1e14, attn_fwd_flops_per_s=1e14,
                 attn_bwd_flops_per_s=1e14, collective_base_latency_s=1e-5, intra=cm.Link(1e-6, 1e11),
                 inter=cm.Link(1e-5, 1e10), inter_rank_bw_bytes_per_s=5e9, overlap_efficiency=1.0)
