@@ -14,18 +14,21 @@ from attn2d.dtypes import acc_dtype
 
 
 def call_forward(impl, mask_impl, p: Piece, q, k, v, scale):
+    """One backend forward for piece p (its rows and keys already sliced): mask pieces go to mask_impl."""
     b = mask_impl if p.kind == "mask" else impl
     return b.forward(q, k, v, scale=scale, causal=p.kind == "causal",
                      mask=p.mask(q.device) if p.kind == "mask" else None)
 
 
 def call_backward(impl, mask_impl, p: Piece, dout, q, k, v, out, lse, scale):
+    """One backend backward for piece p, as call_forward."""
     b = mask_impl if p.kind == "mask" else impl
     return b.backward(dout, q, k, v, out, lse, scale=scale, causal=p.kind == "causal",
                       mask=p.mask(q.device) if p.kind == "mask" else None)
 
 
 def forward_pieces(q, k, v, pieces, scale, impl, mask_impl):
+    """(out in q's dtype, lse in the accumulation dtype) of the block made of `pieces`."""
     acc = acc_dtype(q.dtype)
     b, n_q, h, d = q.shape
     pieces = tuple(pieces)
@@ -51,6 +54,7 @@ def forward_pieces(q, k, v, pieces, scale, impl, mask_impl):
 
 
 def backward_pieces(dout, q, k, v, out, lse, pieces, scale, impl, mask_impl):
+    """(dq, dk, dv) in the accumulation dtype of the block made of `pieces`, given the rows' global out and lse."""
     acc = acc_dtype(q.dtype)
     lse = lse_for_backward(lse)
     pieces = tuple(pieces)
