@@ -92,7 +92,9 @@ def default_grids(world: int) -> list[tuple[int, int]]:
 
 
 def is_ring(name: str) -> bool:
-    return "ring" in name
+    """A 1-D ring: a registered algorithm whose ranks are "ring", or a peer ring (every peer_rings entry is one)."""
+    impl = ATTENTION.get(name)
+    return impl.ranks == "ring" if impl is not None else name != "sdpa"
 
 
 # ---------------------------------------------------------------------------------------------- what runs
@@ -150,7 +152,7 @@ def plan(args) -> tuple[list[tuple[str, int, int]], list[str]]:
             notes.append(f"skip {name}: not registered (known: {', '.join(sorted(ATTENTION))}) nor a peer ring here")
             continue
         impl = ATTENTION.get(name)
-        if impl is not None and impl.needs_world == "one" and args.world != 1:
+        if impl is not None and impl.ranks == "one" and args.world != 1:
             notes.append(f"skip {name}: runs on one rank only, --world is {args.world}")
             continue
         if name == "sdpa" and args.world != 1:

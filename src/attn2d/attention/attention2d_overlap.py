@@ -87,6 +87,31 @@ def column_ring(kv_t: torch.Tensor, grid: ProcessGrid, op: str):
         yield i, (r + i) % R, kv
 
 
+def row_ring(q_n: torch.Tensor, grid: ProcessGrid, op: str):
+    """Algorithm 6 L2-L4, L10 (and the backward's B3): the Q-side blocks of the other columns of this grid row.
+    q_n is the first one (column (c+1) % C), already received (Alg. 4 L3-5, B1). Each block is passed left (to
+    p(r, c-1), the next one received from p(r, c+1) into the second of two buffers) before it is yielded. Yields
+    (i, src, block) for i = 1..C-1: the block of column src = (c + i) % C."""
+    C, r, c = grid.cols, grid.row, grid.col
+    left, right = grid.global_rank(r, c - 1), grid.global_rank(r, c + 1)  # Alg. 6 L1
+    q_b, handle = recv_like(q_n), None
+    for i in range(1, C):  # Alg. 6 L2
+        if i > 1:
+            handle.wait()  # Alg. 6 L3 (fills q_n, the buffer swapped in at L10)
+        if i < C - 1:  # Alg. 6 L4
+            handle = comm.send_recv([(q_n, left)], [(q_b, right)], op=op, async_op=True, group=grid.row_group)
+        yield i, (c + i) % C, q_n
+        q_n, q_b = q_b, q_n  # Alg. 6 L10
+
+
+def pass_left(msg: torch.Tensor, grid: ProcessGrid, op: str):
+    """One async step along the grid row: msg to p(r, c-1), a message of its shape from p(r, c+1) (the handle's
+    wait() returns [received])."""
+    r, c = grid.row, grid.col
+    return comm.send_recv([(msg, grid.global_rank(r, c - 1))], [(recv_like(msg), grid.global_rank(r, c + 1))], op=op,
+                          async_op=True, group=grid.row_group)
+
+
 def kv_g_spans(grid: ProcessGrid, n: int) -> tuple[Span, ...]:
     """Positions of the block-ordered k_g of grid column c: block r' holds c + r'*C + j*P."""
     return tuple(Span(grid.col + rr * grid.cols, grid.size, n) for rr in range(grid.rows))
@@ -118,45 +143,33 @@ def gather_compute_scatter(q_n, kv_g, grid: ProcessGrid, causal: bool, out_dtype
 
     q_n: (B, n, H, D) the Q block of column (c+1) % C (already received, Alg. 4 L3-5). Returns the (out, lse) of
     our own q_p over the keys of every other column, in the accumulation dtype."""
-    R, C, P, r, c = grid.rows, grid.cols, grid.size, grid.row, grid.col
+    R, C, P, r = grid.rows, grid.cols, grid.size, grid.row
     B, n, H, D = q_n.shape
-    left, right = grid.global_rank(r, c - 1), grid.global_rank(r, c + 1)  # Alg. 6 L1
     k_pos = kv_g_spans(grid, n)
     acc = acc_dtype(out_dtype)
     like = [torch.empty(B, H, n, dtype=acc), torch.empty(B, n, H, D, dtype=out_dtype)]  # wire: lse, out (q's dtype)
-    q_b = recv_like(q_n)
-    h_g = h_s = sent = None
-    for i in range(1, C):  # Alg. 6 L2; q_n is the Q block of column (c + i) % C
-        if i > 1:
-            h_g.wait()  # Alg. 6 L3 (fills q_n, the buffer swapped in at L10)
-        if i < C - 1:  # Alg. 6 L4
-            h_g = comm.send_recv([(q_n, left)], [(q_b, right)], op=OP_Q_RING, async_op=True, group=grid.row_group)
-        src = (c + i) % C
-        o_p, l_p = kernels.attn_forward(q_n, kv_g[0], kv_g[1], causal=causal, q_pos=Span(r + src * R, P, n),
+    h_s = None
+    for i, src, q_i in row_ring(q_n, grid, OP_Q_RING):
+        o_p, l_p = kernels.attn_forward(q_i, kv_g[0], kv_g[1], causal=causal, q_pos=Span(r + src * R, P, n),
                                         k_pos=k_pos)  # Alg. 6 L5 (staircase: R offset-causal pieces)
         if i > 1:
             l_r, o_r = comm.unpack(h_s.wait()[0], like)  # Alg. 6 L7
             o_p, l_p = merge_partials([o_p, o_r], [l_p, l_r])  # Alg. 6 L8 (fp32)
-        sent = comm.pack([l_p.to(acc), o_p.to(out_dtype)])  # widest dtype first: every view stays aligned
-        op = OP_OUT_SCATTER if i < C - 1 else OP_OUT_SCATTER_TAIL
-        h_s = comm.send_recv([(sent, left)], [(recv_like(sent), right)], op=op, async_op=True,
-                             group=grid.row_group)  # Alg. 6 L9
-        q_n, q_b = q_b, q_n  # Alg. 6 L10
+        sent = comm.pack([l_p.to(acc), o_p.to(out_dtype)])  # widest dtype first; lives until the exchange completes
+        h_s = pass_left(sent, grid, OP_OUT_SCATTER if i < C - 1 else OP_OUT_SCATTER_TAIL)  # Alg. 6 L9
     l, o = comm.unpack(h_s.wait()[0], like)  # Alg. 6 L11
     return o, l
 
 
 def attention2d_overlap_forward(q_p, k_p, v_p, grid: ProcessGrid, causal: bool):
     """Algorithm 4 (Attention2D-O forward), Sec. 3.4. Returns out_p (q's dtype), lse_p (accumulation dtype), kv_t."""
-    C, r, c = grid.cols, grid.row, grid.col
+    C = grid.cols
     kv_t = permute_kv(torch.stack([k_p, v_p]), grid, op=OP_KV_PERMUTE)  # Alg. 4 L1, (2, B, n, H, D)
     if C > 1:  # Alg. 4 L2-3: first Q block in the background
-        left, right = grid.global_rank(r, c - 1), grid.global_rank(r, c + 1)
-        q_n = recv_like(q_p)
-        h_g = comm.send_recv([(q_p, left)], [(q_n, right)], op=OP_Q_RING, async_op=True, group=grid.row_group)
+        h_g = pass_left(q_p, grid, OP_Q_RING)
     kv_g, out1, lse1 = gather_compute(q_p, kv_t, grid, causal)  # Alg. 4 L4
     if C > 1:
-        h_g.wait()  # Alg. 4 L5
+        q_n = h_g.wait()[0]  # Alg. 4 L5
         out2, lse2 = gather_compute_scatter(q_n, kv_g, grid, causal, q_p.dtype)  # Alg. 4 L6
         merge_into(out1, lse1, out2, lse2)  # Alg. 4 L7, in place (fp32)
     lse_p = lse1.to(acc_dtype(q_p.dtype))
@@ -170,14 +183,11 @@ def attention2d_overlap_backward(dout_p, q_p, kv_t, out_p, lse_p, grid: ProcessG
     R, C, P, r, c = grid.rows, grid.cols, grid.size, grid.row, grid.col
     B, n, H, D = q_p.shape
     acc = acc_dtype(q_p.dtype)
-    left, right = grid.global_rank(r, c - 1), grid.global_rank(r, c + 1)
     delta_p = kernels.row_delta(dout_p, out_p)  # B0: rowsum(dout * out) of this rank's rows, (B, H, n) fp32
     own = [lse_p, delta_p, q_p, dout_p]  # widest dtype first: every view of a packed buffer stays aligned
     if C > 1:  # B1: first Q-side bundle in the background
         bundle = comm.pack(own)  # (bytes,) lse and delta fp32, then q, dout in q's dtype
-        b_n = recv_like(bundle)
-        h_g = comm.send_recv([(bundle, left)], [(b_n, right)], op=OP_QBUNDLE_RING, async_op=True,
-                             group=grid.row_group)
+        h_g = pass_left(bundle, grid, OP_QBUNDLE_RING)
 
     # B2: phase A, K/V column ring overlapped with own bundle against each block
     dq_own = torch.zeros(B, n, H, D, dtype=acc, device=q_p.device)
@@ -200,17 +210,10 @@ def attention2d_overlap_backward(dout_p, q_p, kv_t, out_p, lse_p, grid: ProcessG
     if C > 1:
         kv_g = torch.cat(blocks, dim=2)  # (2, B, N/C, H, D), block order
         k_pos = kv_g_spans(grid, n)
-        h_g.wait()
-        b_b = recv_like(b_n)
-        h_s = sent = None
-        for i in range(1, C):  # b_n: bundle of column (c + i) % C
-            if i > 1:
-                h_g.wait()
-            if i < C - 1:
-                h_g = comm.send_recv([(b_n, left)], [(b_b, right)], op=OP_QBUNDLE_RING, async_op=True,
-                                     group=grid.row_group)
-            lse, delta, q, do = comm.unpack(b_n, own)
-            src_pos = Span(r + ((c + i) % C) * R, P, n)
+        h_s = None
+        for i, src, b_i in row_ring(h_g.wait()[0], grid, OP_QBUNDLE_RING):  # b_i: bundle of column src
+            lse, delta, q, do = comm.unpack(b_i, own)
+            src_pos = Span(r + src * R, P, n)
             if i < C - 1:
                 dq_i, dk, dv = kernels.attn_backward(do, q, kv_g[0], kv_g[1], None, lse, delta=delta, causal=causal,
                                                      q_pos=src_pos, k_pos=k_pos)
@@ -229,11 +232,8 @@ def attention2d_overlap_backward(dout_p, q_p, kv_t, out_p, lse_p, grid: ProcessG
                         scatter.ready(s)
             if i > 1:
                 dq_i = dq_i + h_s.wait()[0]  # partial of the same Q block from the columns to the right
-            sent = dq_i
-            op = OP_DQ_SCATTER if i < C - 1 else OP_DQ_SCATTER_TAIL
-            h_s = comm.send_recv([(sent, left)], [(recv_like(sent), right)], op=op, async_op=True,
-                                 group=grid.row_group)
-            b_n, b_b = b_b, b_n
+            sent = dq_i  # the send buffer must live until the exchange completes
+            h_s = pass_left(sent, grid, OP_DQ_SCATTER if i < C - 1 else OP_DQ_SCATTER_TAIL)
         dkv_t = scatter.finish()  # B4 done: (2, B, n, H, D)
         dq_own = dq_own + h_s.wait()[0]
     else:
