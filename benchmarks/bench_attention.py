@@ -36,7 +36,6 @@ import platform
 import statistics
 import sys
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -44,14 +43,13 @@ from datetime import UTC, datetime
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from attn2d.attention import ATTENTION, get_attention, layout
 from attn2d.attention.local import local_attention
 from attn2d.distributed import ProcessGrid, count_comm
 from attn2d.distributed.comm import total_comm
 from attn2d.dtypes import TRAIN_DTYPES, as_dtype
-from attn2d.testing import run_distributed
+from attn2d.testing import OpCounter, run_distributed
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import peer_rings  # noqa: E402  benchmarks/peer_rings.py, importable once its folder is on the path
@@ -177,52 +175,6 @@ def make_inputs(args):
     shape = (args.batch, args.seq, args.heads, args.head_dim)
     kv_shape = (args.batch, args.seq, args.kv_heads or args.heads, args.head_dim)
     return [torch.randn(s, generator=g).to(as_dtype(args.dtype)) for s in (shape, kv_shape, kv_shape, shape)]
-
-
-# ---------------------------------------------------------------------------------------------- counting ops
-KERNEL_OPS = ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward",
-              "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_backward",
-              "_scaled_dot_product_efficient_attention", "_scaled_dot_product_efficient_attention_backward",
-              "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_cudnn_attention_backward")
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts, per pass, attention kernel calls (KERNEL_OPS), other aten ops, and the bytes and messages of
-    torch's functional collectives (what torch's ring uses; our algorithms' p2p and collectives are counted by
-    attn2d.distributed.comm, with the same convention: all-gather of b bytes over g ranks sends (g-1) b in g-1
-    messages; an all-to-all sends what goes to other ranks). Communication ops are not counted as aten ops."""
-
-    def __init__(self):
-        super().__init__()
-        self.kernels, self.ops, self.sent, self.msgs = 0, 0, 0, 0
-        self.by_name = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        ns, name = func.namespace, func._schema.name.split("::")[-1]
-        if name in KERNEL_OPS:
-            self.kernels += 1
-        elif ns in ("c10d", "_c10d_functional", "c10d_functional"):
-            self._comm(name, args)
-        else:
-            self.ops += 1
-            self.by_name[name] += 1
-        return func(*args, **kwargs)
-
-    def _comm(self, name, args):
-        if name == "all_gather_into_tensor":
-            x, g = args[0], args[1]
-            self.sent += (g - 1) * x.numel() * x.element_size()
-            self.msgs += g - 1
-        elif name == "all_to_all_single":
-            x, in_splits = args[0], args[2]
-            me, row = dist.get_rank(), x[0].numel() * x.element_size() if x.dim() > 1 else x.element_size()
-            to_others = [sp for j, sp in enumerate(in_splits) if j != me]  # the world group: group rank = rank
-            self.sent += sum(to_others) * row
-            self.msgs += sum(1 for sp in to_others if sp)
-
-    def as_dict(self) -> dict:
-        return {"kernel_calls": self.kernels, "aten_ops": self.ops, "bytes_sent": self.sent, "messages": self.msgs}
 
 
 # ---------------------------------------------------------------------------------------------- the ranks
