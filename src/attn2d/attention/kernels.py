@@ -69,15 +69,10 @@ def row_delta(dout: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 
 def out_for_delta(dout: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """A stand-in for `out` (B, Lq, H, D) with rowsum(dout * out) = delta (B, H, Lq), in dout's dtype.
-
-    The block backward uses out only through delta = rowsum(dO * O) (dS = P * (dP - delta)), and every kernel API
-    takes out and forms delta itself. A caller that holds delta but not out (Attention2D's backward gathers the
-    scalar delta instead of the D-wide out) passes out' = dO_hat * delta / (m |dO_hat|^2) with dO_hat = dO / m,
-    m = max |dO| of the row (scaled so |dO_hat|^2 >= 1 cannot underflow). Every term dO_i out'_i has the sign of
-    delta, so rounding out' to a half dtype perturbs delta by at most that dtype's relative precision (no
-    cancellation). |out'| <= |O| (Cauchy-Schwarz), so out' cannot overflow where O does not. A row with dO = 0 has
-    delta = 0 and gets out' = 0."""
+    """A stand-in for `out` (B, Lq, H, D) with rowsum(dout * out) = delta (B, H, Lq), in dout's dtype: what a
+    caller that holds delta but not out (Attention2D's backward) hands the kernels, which all take out.
+    out' = dO_hat * delta / (m |dO_hat|^2), dO_hat = dO / m, m = max |dO| of the row; why it is exact and cannot
+    overflow or cancel: docs/algorithms.md#the-delta-stand-in."""
     d = dout.to(acc_dtype(dout.dtype))  # (B, Lq, H, D)
     m = d.abs().amax(-1)  # (B, Lq, H)
     u = d / torch.where(m > 0, m, 1.0).unsqueeze(-1)  # (B, Lq, H, D), max |u| = 1 per nonzero row
