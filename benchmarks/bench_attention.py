@@ -36,27 +36,24 @@ import platform
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
-
-from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from datetime import UTC, datetime
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
+
+from attn2d.attention import ATTENTION, get_attention, layout
+from attn2d.attention.local import local_attention
+from attn2d.distributed import ProcessGrid, count_comm
+from attn2d.distributed.comm import total_comm
+from attn2d.dtypes import TRAIN_DTYPES, as_dtype
+from attn2d.testing import OpCounter, run_distributed
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import peer_rings  # noqa: E402  (benchmarks/peer_rings.py, next to this script)
+import peer_rings  # noqa: E402  benchmarks/peer_rings.py, importable once its folder is on the path
 
-from attn2d.attention import ATTENTION, get_attention, layout  # noqa: E402
-from attn2d.attention.local import local_attention  # noqa: E402
-from attn2d.distributed import ProcessGrid, count_comm  # noqa: E402
-from attn2d.distributed.comm import total_comm  # noqa: E402
-from attn2d.testing import run_distributed  # noqa: E402
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 DEFAULT_ALGORITHMS = "attn2d,attn2d_overlap,ring,ring_contiguous"
 ERR_TOL = {"float64": 1e-10, "float32": 1e-4, "bfloat16": 5e-2}  # max abs error / max abs single-device value
 
@@ -70,7 +67,7 @@ def parse_args(argv=None):
     p.add_argument("--kv-heads", type=int, default=None,
                    help="k/v heads (grouped-query attention, dividing --heads); default: --heads")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    p.add_argument("--dtype", default="float32", choices=TRAIN_DTYPES)
     p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--algorithms", default=DEFAULT_ALGORITHMS, help="comma list of registry names")
     p.add_argument("--grids", default=None, help="comma list RxC for the 2-D algorithms; default: the square grid of "
@@ -93,7 +90,9 @@ def default_grids(world: int) -> list[tuple[int, int]]:
 
 
 def is_ring(name: str) -> bool:
-    return "ring" in name
+    """A 1-D ring: a registered algorithm whose ranks are "ring", or a peer ring (every peer_rings entry is one)."""
+    impl = ATTENTION.get(name)
+    return impl.ranks == "ring" if impl is not None else name != "sdpa"
 
 
 # ---------------------------------------------------------------------------------------------- what runs
@@ -115,14 +114,14 @@ def _sdpa(q, k, v, grid, causal):
     return out.transpose(1, 2)
 
 
-def resolve(name: str, device=torch.device("cpu")) -> Algo:
+def resolve(name: str, device: torch.device | None = None) -> Algo:
     if name == "sdpa":
         return Algo("sdpa", "full", _sdpa, None, False)
     if name in ATTENTION:
         impl = get_attention(name)
         return Algo(name, impl.layout, lambda q, k, v, grid, causal, f=impl.fn: f(q, k, v, grid=grid, causal=causal),
                     impl.comm_ops, True)
-    peer = next(r for r in peer_rings.available(device)[0] if r.name == name)
+    peer = next(r for r in peer_rings.available(device or torch.device("cpu"))[0] if r.name == name)
     return Algo(name, peer.layout, lambda q, k, v, grid, causal, f=peer.fn: f(q, k, v, group=grid.group,
                                                                                causal=causal), None, False)
 
@@ -151,7 +150,7 @@ def plan(args) -> tuple[list[tuple[str, int, int]], list[str]]:
             notes.append(f"skip {name}: not registered (known: {', '.join(sorted(ATTENTION))}) nor a peer ring here")
             continue
         impl = ATTENTION.get(name)
-        if impl is not None and impl.needs_world == "one" and args.world != 1:
+        if impl is not None and impl.ranks == "one" and args.world != 1:
             notes.append(f"skip {name}: runs on one rank only, --world is {args.world}")
             continue
         if name == "sdpa" and args.world != 1:
@@ -175,53 +174,7 @@ def make_inputs(args):
     g = torch.Generator().manual_seed(args.seed)
     shape = (args.batch, args.seq, args.heads, args.head_dim)
     kv_shape = (args.batch, args.seq, args.kv_heads or args.heads, args.head_dim)
-    return [torch.randn(s, generator=g).to(DTYPES[args.dtype]) for s in (shape, kv_shape, kv_shape, shape)]
-
-
-# ---------------------------------------------------------------------------------------------- counting ops
-KERNEL_OPS = ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward",
-              "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_backward",
-              "_scaled_dot_product_efficient_attention", "_scaled_dot_product_efficient_attention_backward",
-              "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_cudnn_attention_backward")
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts, per pass, attention kernel calls (KERNEL_OPS), other aten ops, and the bytes and messages of
-    torch's functional collectives (what torch's ring uses; our algorithms' p2p and collectives are counted by
-    attn2d.distributed.comm, with the same convention: all-gather of b bytes over g ranks sends (g-1) b in g-1
-    messages; an all-to-all sends what goes to other ranks). Communication ops are not counted as aten ops."""
-
-    def __init__(self):
-        super().__init__()
-        self.kernels, self.ops, self.sent, self.msgs = 0, 0, 0, 0
-        self.by_name = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        ns, name = func.namespace, func._schema.name.split("::")[-1]
-        if name in KERNEL_OPS:
-            self.kernels += 1
-        elif ns in ("c10d", "_c10d_functional", "c10d_functional"):
-            self._comm(name, args)
-        else:
-            self.ops += 1
-            self.by_name[name] += 1
-        return func(*args, **kwargs)
-
-    def _comm(self, name, args):
-        if name == "all_gather_into_tensor":
-            x, g = args[0], args[1]
-            self.sent += (g - 1) * x.numel() * x.element_size()
-            self.msgs += g - 1
-        elif name == "all_to_all_single":
-            x, in_splits = args[0], args[2]
-            me, row = dist.get_rank(), x[0].numel() * x.element_size() if x.dim() > 1 else x.element_size()
-            to_others = [sp for j, sp in enumerate(in_splits) if j != me]  # the world group: group rank = rank
-            self.sent += sum(to_others) * row
-            self.msgs += sum(1 for sp in to_others if sp)
-
-    def as_dict(self) -> dict:
-        return {"kernel_calls": self.kernels, "aten_ops": self.ops, "bytes_sent": self.sent, "messages": self.msgs}
+    return [torch.randn(s, generator=g).to(as_dtype(args.dtype)) for s in (shape, kv_shape, kv_shape, shape)]
 
 
 # ---------------------------------------------------------------------------------------------- the ranks
@@ -308,7 +261,7 @@ def predicted(name, args, rows, cols) -> dict:
         return {}
     best = {"fwd_bytes": 0, "fwd_msgs": 0, "all_bytes": 0, "all_msgs": 0}
     for rk in range(rows * cols):
-        ops = algo.comm_ops(args.batch, args.seq, args.heads, args.head_dim, rows, cols, DTYPES[args.dtype],
+        ops = algo.comm_ops(args.batch, args.seq, args.heads, args.head_dim, rows, cols, as_dtype(args.dtype),
                                args.causal, rank=rk, kv_heads=args.kv_heads)
         f, a = total_comm(ops, "fwd"), total_comm(ops)
         for key, val in (("fwd_bytes", f["bytes_sent"]), ("fwd_msgs", f["messages"]),
@@ -338,14 +291,16 @@ def summarise(args, runs, per_rank) -> list[dict]:
         c_fwd = [sum(r["c_fwd"][j] for r in res) for j in range(args.repeats)]
         # bytes and messages: comm's count for ours, the functional collectives' for the peers
         fwd = {k: max(r["fwd"][k] + r["ops_fwd"][k] for r in res) for k in ("bytes_sent", "messages")}
-        full = {k: max(r["all"][k] + r["ops_fwd"][k] + r["ops_bwd"][k] for r in res) for k in ("bytes_sent", "messages")}
+        full = {k: max(r["all"][k] + r["ops_fwd"][k] + r["ops_bwd"][k] for r in res)
+                for k in ("bytes_sent", "messages")}
         med, lo, hi = _spread(t_fwd)
         med_all, lo_all, hi_all = _spread(t_all)
         rows_out.append(dict(
             algorithm=name, grid=f"{rows}x{cols}", rows=rows, cols=cols,
             max_err_out=err["out"], max_err_grad=max(err["dq"], err["dk"], err["dv"]),
             check_ok=max(err[k + "_rel"] for k in ("out", "dq", "dk", "dv")) < ERR_TOL[args.dtype],
-            time_fwd_s=med, time_fwd_bwd_s=med_all, time_fwd_min_max_s=[lo, hi], time_fwd_bwd_min_max_s=[lo_all, hi_all],
+            time_fwd_s=med, time_fwd_bwd_s=med_all, time_fwd_min_max_s=[lo, hi],
+            time_fwd_bwd_min_max_s=[lo_all, hi_all],
             times_fwd_s=t_fwd, times_fwd_bwd_s=t_all,
             cpu_fwd_s=statistics.median(c_fwd), cpu_fwd_bwd_s=statistics.median(c_all),
             bytes_fwd=fwd["bytes_sent"], msgs_fwd=fwd["messages"],
@@ -367,7 +322,8 @@ def summarise(args, runs, per_rank) -> list[dict]:
             r[f"vs_{key}"] = base["algorithm"] if base else None
             r[f"speedup_fwd_bwd_vs_{key}"] = base["time_fwd_bwd_s"] / r["time_fwd_bwd_s"] if base else None
             r[f"speedup_fwd_vs_{key}"] = base["time_fwd_s"] / r["time_fwd_s"] if base else None
-        r["bytes_ratio_vs_ring"] = r["bytes_fwd_bwd"] / ours["bytes_fwd_bwd"] if ours and ours["bytes_fwd_bwd"] else None
+        r["bytes_ratio_vs_ring"] = (r["bytes_fwd_bwd"] / ours["bytes_fwd_bwd"]
+                                    if ours and ours["bytes_fwd_bwd"] else None)
     return rows_out
 
 
@@ -379,10 +335,18 @@ def table(rows_out) -> str:
             return f"{fmt(got)} / -"
         return f"{fmt(got)} / {fmt(p[key])}{'' if got == p[key] else '!'}"
 
-    mb = lambda b: f"{b / 1e6:.3f}"  # noqa: E731
-    ms = lambda t: f"{t * 1e3:.1f}"  # noqa: E731
-    x = lambda v: f"{v:.2f}x" if v else "-"  # noqa: E731
-    ratio = lambda v: f"{v:.2f}" if v else "-"  # noqa: E731
+    def mb(b):
+        return f"{b / 1e6:.3f}"
+
+    def ms(t):
+        return f"{t * 1e3:.1f}"
+
+    def x(v):
+        return f"{v:.2f}x" if v else "-"
+
+    def ratio(v):
+        return f"{v:.2f}" if v else "-"
+
     fastest = next((r["vs_fastest_ring"] for r in rows_out if r["vs_fastest_ring"]), None)
     base = "sdpa" if any(r["algorithm"] == "sdpa" for r in rows_out) else "fastest_ring"
     head = (f"{'algorithm':<15} {'grid':>4} {'fwd ms (min-max)':>18} {'fwd+bwd ms (min-max)':>21} {'CPU ms':>7} "
@@ -432,7 +396,7 @@ def main(argv=None) -> int:
           f">= {ERR_TOL[args.dtype]}).")
     print(f"(wall {time.perf_counter() - t0:.0f} s)")
     if args.out:
-        stamp = datetime.now(timezone.utc).isoformat()
+        stamp = datetime.now(UTC).isoformat()
         with open(args.out, "a") as f:
             for r in rows_out:
                 f.write(json.dumps({"kind": "bench_attention", "at": stamp, "command": command, "machine": machine,

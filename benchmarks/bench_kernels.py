@@ -1,6 +1,6 @@
 """Benchmark the local block-attention backends (attn2d.attention.kernels) beside torch's own SDPA.
 
-First checks every backend against "math" (kernels.self_check on tiny cases, then forward + backward of a small
+First checks every backend against "math" (selection.self_check on tiny cases, then forward + backward of a small
 case of the benchmarked shape vs float64 "math"), then times forward and forward+backward after a warm-up
 (CUDA events on a GPU, perf_counter on CPU; median over iterations) and prints ms and TFLOP/s.
 FLOPs: 4*B*H*N^2*D for the forward of a whole sequence, halved when causal; forward+backward = 3.5x forward.
@@ -9,7 +9,7 @@ With --block R,C,r,c the timed call is Attention2D's block of grid p(r, c): quer
 
   python benchmarks/bench_kernels.py --device cpu --dtype float32 --seq 256 --heads 2 --head-dim 64
   python benchmarks/bench_kernels.py --device cuda --dtype bfloat16 --seq 16384 --heads 32 --head-dim 128 \
-      --causal --out results/bench_kernels.jsonl          # what a GPU user runs (not run on a GPU here)
+      --causal --out results/bench_kernels.jsonl          # what a GPU user runs
 """
 from __future__ import annotations
 
@@ -19,21 +19,23 @@ import platform
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import torch
 import torch.nn.functional as F
 
-from attn2d.attention import kernels
+from attn2d.attention import kernels, selection
 from attn2d.attention.layout import Span
+from attn2d.attention.planner import visible_mask
+from attn2d.dtypes import SHORT, acc_dtype, as_dtype
 
-DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_NAMES = [str(dt).removeprefix("torch.") for dt in SHORT.values()]  # the --dtype choices: torch's names
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--dtype", default=None, choices=DTYPE_NAMES, help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--heads", type=int, default=16)
@@ -90,7 +92,7 @@ def timeit(fn, device, warmup, iters) -> float:
 
 def check_backend(name, args, device, dtype) -> tuple[str, float | None]:
     """Self-check on tiny cases, then the benchmarked shape at seq <= 256 vs float64 math: (verdict, rel error)."""
-    why = None if name == "math" else kernels.self_check(name, device, dtype, args.head_dim)
+    why = None if name == "math" else selection.self_check(name, device, dtype, args.head_dim)
     if why is not None:
         return f"FAILED self-check: {why}", None
     small = argparse.Namespace(**{**vars(args), "seq": min(args.seq, 256)})
@@ -129,7 +131,7 @@ def bench_torch_sdpa(args, device, q, k, v, dout, qs, ks):
     qt, kt, vt = (t.transpose(1, 2).detach() for t in (q, k, v))  # (B, H, L, D)
     mask = None
     if qs is not None and args.causal:
-        mask = kernels.visible_mask(qs, ks, qs.n, ks.n, device)  # (Lq, Lk) positional
+        mask = visible_mask(qs, ks, qs.n, ks.n, device)  # (Lq, Lk) positional
     causal = args.causal and mask is None
 
     def fwd():
@@ -146,17 +148,21 @@ def bench_torch_sdpa(args, device, q, k, v, dout, qs, ks):
     return timeit(fwd, device, args.warmup, args.iters), timeit(fwd_bwd, device, args.warmup, args.iters)
 
 
+def _fmt(x, spec: str) -> str:
+    return format(x, spec) if x is not None else "-"
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    dtype = as_dtype(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     qs, ks, n_q, n_k, pairs = block_positions(args)
     flops = 4.0 * args.batch * args.heads * args.head_dim * (
         pairs if args.block else args.seq ** 2 / (2 if args.causal else 1))
-    names = args.backends.split(",") if args.backends else kernels.available_backends(device, dtype, args.head_dim)
-    math_gib = args.batch * args.heads * n_q * n_k * (8 if dtype == torch.float64 else 4) / 2 ** 30
+    names = args.backends.split(",") if args.backends else selection.available_backends(device, dtype, args.head_dim)
+    math_gib = args.batch * args.heads * n_q * n_k * acc_dtype(dtype).itemsize / 2 ** 30
     if args.backends is None and "math" in names and math_gib > args.math_max_gib:
         print(f"skipping math: its score matrix would take {math_gib:.1f} GiB > --math-max-gib {args.math_max_gib}")
         names.remove("math")
@@ -175,7 +181,7 @@ def main(argv=None):
             if name == "torch_sdpa":
                 row["fwd_ms"], row["fwd_bwd_ms"] = bench_torch_sdpa(args, device, q, k, v, dout, qs, ks)
             else:
-                kernels.resolve_backend(name, device=device, dtype=dtype, head_dim=args.head_dim)  # applies here?
+                selection.resolve_backend(name, device=device, dtype=dtype, head_dim=args.head_dim)  # applies here?
                 row["check"], row["max_rel_err"] = check_backend(name, args, device, dtype)
                 if row["check"] == "ok":
                     row["fwd_ms"], row["fwd_bwd_ms"] = bench_backend(name, args, device, dtype, q, k, v, dout, qs, ks)
@@ -184,17 +190,16 @@ def main(argv=None):
         row["fwd_tflops"] = flops / row["fwd_ms"] / 1e9 if row["fwd_ms"] else None
         row["fwd_bwd_tflops"] = 3.5 * flops / row["fwd_bwd_ms"] / 1e9 if row["fwd_bwd_ms"] else None
         rows.append(row)
-        fmt = lambda x, f: format(x, f) if x is not None else "-"  # noqa: E731
-        print(f"{name:<16}{row['check'][:9]:<10}{fmt(row['max_rel_err'], '.1e'):>10}"
-              f"{fmt(row['fwd_ms'], '.3f'):>11}{fmt(row['fwd_tflops'], '.3f'):>9}"
-              f"{fmt(row['fwd_bwd_ms'], '.3f'):>12}{fmt(row['fwd_bwd_tflops'], '.3f'):>9}")
+        print(f"{name:<16}{row['check'][:9]:<10}{_fmt(row['max_rel_err'], '.1e'):>10}"
+              f"{_fmt(row['fwd_ms'], '.3f'):>11}{_fmt(row['fwd_tflops'], '.3f'):>9}"
+              f"{_fmt(row['fwd_bwd_ms'], '.3f'):>12}{_fmt(row['fwd_bwd_tflops'], '.3f'):>9}")
         if row["check"] not in ("ok", "n/a"):
             print(f"    {row['check']}")
     if args.out:
         common = {"kind": "bench_kernels", "device": str(device), "device_name": dev_name, "dtype": str(dtype),
                   "batch": args.batch, "seq": args.seq, "heads": args.heads, "head_dim": args.head_dim,
                   "causal": args.causal, "block": args.block, "flops_fwd": flops, "torch": torch.__version__,
-                  "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                  "time": datetime.now(UTC).isoformat(timespec="seconds")}
         with open(args.out, "a") as f:
             for row in rows:
                 f.write(json.dumps({**common, **row}) + "\n")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The single-GPU checks of this project, in one go (NOT run by the authors: no GPU was available to them).
+# The single-GPU checks of this project, in one go.
 #   bash benchmarks/gpu_checks.sh [OUT_DIR]        # default OUT_DIR: results/gpu
 # 1. the local block-attention kernels on CUDA in bf16: every backend self-checked against float64 "math", then
 #    forward and forward+backward TFLOP/s beside torch's own SDPA (whole causal sequence, then Attention2D's block

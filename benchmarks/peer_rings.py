@@ -9,17 +9,17 @@ with one line saying why when the running environment lacks it).
   all-gather ("torch_ring", torch's default) or by all-to-all ("torch_ring_a2a"); dK/dV always go by all-to-all.
   torch's public `context_parallel` cannot run on CPU (no sharding strategy for the CPU flash op), hence the
   templates. Its collectives are functional ones that attn2d.distributed.comm does not see; the benchmark counts
-  them with a dispatch-mode counter (bench_attention.OpCounter).
+  them with a dispatch-mode counter (attn2d.testing.OpCounter).
 - "ringflash_zigzag": ring-flash-attention's zigzag_ring_flash_attn_func (CUDA, flash-attn), only when installed
-  and a GPU is present: not run on this machine.
+  and a GPU is present.
 
 Every entry takes our shards (B, n, H, D) in its layout and returns out (B, n, H, D), differentiable.
 """
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.distributed as dist

@@ -1,14 +1,17 @@
 """Attention2D-NO on real gloo processes: output and gradients against the float64 reference, and every rank's
 counted communication against comm_ops (forward and backward) and the paper's volume formula."""
+import unittest.mock
+
 import pytest
 import torch
 
-from attn2d.attention import get_attention, layout
+import attn2d
+import attn2d.attention
+from attn2d.attention import get_attention, layout, ring
 from attn2d.attention.attention2d import BWD_OPS, FWD_OPS, attention2d, comm_ops, kv_recv_peer, kv_send_peer
 from attn2d.distributed import GridError, ProcessGrid, count_comm
 from attn2d.distributed.comm import total_comm
-from attn2d.testing import (assert_errors_match, assert_matches_reference, call_errors, random_case,
-                            run_distributed)
+from attn2d.testing import assert_errors_match, assert_matches_reference, call_errors, random_case, run_distributed
 
 B, H, D = 2, 3, 80  # head_dim of GPT-3 2.7B
 N = 36  # divisible by every P used: 1, 4, 6, 9
@@ -166,3 +169,45 @@ def test_bad_inputs_raise_clear_errors():
     }
     assert_errors_match(errors, expected)
 
+
+
+PUBLIC_CASES = [  # (public function, layout, how the group is given, registry entry it must be or call)
+    ("attention2d", "cyclic", "grid", "attn2d"),
+    ("attention2d_overlap", "cyclic", "grid", "attn2d_overlap"),
+    ("ring_attention", "zigzag", "grid", "ring"),
+    ("ring_attention", "contiguous", "world", "ring_contiguous"),
+]
+
+
+def _public_worker(rank, world, case):
+    grid = ProcessGrid(2, 2)
+    results = []
+    for fn_name, lay, how, _ in PUBLIC_CASES:
+        fn = getattr(attn2d, fn_name)
+        assert fn is getattr(attn2d.attention, fn_name)
+        q, k, v = (layout.shard(case[x].float(), grid, lay).requires_grad_() for x in "qkv")  # (B, N/P, H, D)
+        if fn_name == "ring_attention":
+            out = fn(q, k, v, grid if how == "grid" else None, causal=True, layout=lay)
+        else:
+            out = fn(q, k, v, grid, causal=True)
+        out.backward(layout.shard(case["dout"].float(), grid, lay))
+        results.append(dict(out=out.detach(), dq=q.grad, dk=k.grad, dv=v.grad))
+    return results
+
+
+def test_public_functions_are_the_registered_ones_and_match_reference():
+    """attn2d.attention2d, attention2d_overlap and ring_attention: the registry's functions (the ring entries call
+    ring_attention with their layout), importable from attn2d and attn2d.attention, exact on a 2x2 gloo run."""
+    assert get_attention("attn2d").fn is attn2d.attention2d is attn2d.attention.attention2d is attention2d
+    assert get_attention("attn2d_overlap").fn is attn2d.attention2d_overlap is attn2d.attention.attention2d_overlap
+    assert attn2d.ring_attention is attn2d.attention.ring_attention
+    with unittest.mock.patch.object(ring, "ring_attention", wraps=ring.ring_attention) as spy:
+        x = torch.randn(1, 8, 2, 4)
+        for name, lay in (("ring", "zigzag"), ("ring_contiguous", "contiguous")):
+            get_attention(name).fn(x, x, x, grid=None, causal=True)
+            assert spy.call_args.kwargs["layout"] == lay
+    case = random_case(5, (B, 32, H, D), causal=True, dtype="float32")  # zigzag over 4 ranks: a multiple of 8
+    per_rank = run_distributed(4, _public_worker, case, timeout_s=240)
+    for i, (fn_name, lay, how, entry) in enumerate(PUBLIC_CASES):
+        assert_matches_reference(case, [r[i] for r in per_rank], lay, 2, 2, TOL["float32"],
+                                 f"attn2d.{fn_name} ({lay}, {how}; registry {entry!r})")

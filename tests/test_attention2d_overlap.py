@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from attn2d.attention import get_attention, kernels
+from attn2d.attention.attention2d import comm_ops as no_comm_ops
 from attn2d.attention.attention2d_overlap import attention2d_overlap, comm_ops
 from attn2d.attention.layout import shard, unshard
 from attn2d.attention.reference import reference_attention
@@ -128,7 +129,7 @@ def runs():
 
 
 def _cases(runs):
-    for world, per_rank in runs.items():
+    for per_rank in runs.values():
         for rank_results in per_rank:
             for res in rank_results:
                 if "validation" not in res:
@@ -221,11 +222,9 @@ def test_comm_ops_volume_shrinks_like_one_over_sqrt_p():
 @pytest.mark.parametrize("dtype", ["bf16", "fp32", "fp64"])
 def test_same_volume_as_attention2d_no(rows, cols, dtype):
     """Attention2D-O moves exactly the bytes and messages of Attention2D-NO, per rank and phase (Sec. 4.2)."""
-    from attn2d.attention import attention2d
-
     for rank, kv_heads in itertools.product(range(rows * cols), (None, 1)):
         o = comm_ops(2, 96 * rows * cols, 3, 16, rows, cols, dtype, True, rank=rank, kv_heads=kv_heads)
-        no = attention2d.comm_ops(2, 96 * rows * cols, 3, 16, rows, cols, dtype, True, rank=rank, kv_heads=kv_heads)
+        no = no_comm_ops(2, 96 * rows * cols, 3, 16, rows, cols, dtype, True, rank=rank, kv_heads=kv_heads)
         for phase in ("fwd", "bwd"):
             a, b = total_comm(o, phase), total_comm(no, phase)
             assert (a["bytes_sent"], a["bytes_received"], a["messages"]) == \

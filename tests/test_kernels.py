@@ -1,8 +1,9 @@
-"""Local block-attention layer (kernels.py + backends.py) against float64 references, on every CPU backend.
+"""Local block-attention layer (kernels.py, planner.py, execute.py, selection.py, backends.py) against float64
+references, on every CPU backend.
 
 References are computed here, independently of the code under test: `_ref_block` (float64 scores with an explicit
-positional mask) and reference.reference_attention (+ autograd for gradients). The CUDA adapters cannot run here;
-their argument binding to the torch op schemas is checked on "meta" tensors.
+positional mask) and reference.reference_attention (+ autograd for gradients). The CUDA adapters' argument binding
+to the torch op schemas is checked on "meta" tensors.
 """
 import contextlib
 import importlib.util
@@ -11,15 +12,15 @@ import sys
 import types
 import warnings
 from pathlib import Path
-from typing import Optional
 
 import pytest
 import torch
 
-from attn2d.attention import backends, kernels
-from attn2d.attention.kernels import Piece, attn_backward, attn_forward, block_pieces
+from attn2d.attention import backends, execute, kernels, selection
+from attn2d.attention.kernels import attn_backward, attn_forward
 from attn2d.attention.layout import Span, layout_spans, spans_tensor
 from attn2d.attention.merge import merge_into, merge_partials
+from attn2d.attention.planner import Piece, block_pieces
 from attn2d.attention.reference import reference_attention
 from attn2d.testing import counting_backend_calls
 
@@ -312,7 +313,7 @@ def test_fully_masked_pair_makes_no_backend_call(monkeypatch):
         return math.backward(*args, **kw)
 
     monkeypatch.setitem(backends.BACKENDS, "math", backends.Backend(
-        "math", counting_forward, counting_backward, math.applies, True, True, True))
+        "math", counting_forward, counting_backward, math.applies, True, True))
     q, k, v, dout = _qkv(torch.float64, 16, n=8)
     out, lse = attn_forward(q, k, v, causal=True, q_pos=Span(0, 1, 8), k_pos=Span(8, 1, 8), backend="math")
     assert calls == [] and torch.isneginf(lse).all() and (out == 0).all()
@@ -330,14 +331,14 @@ def test_fully_masked_pair_makes_no_backend_call(monkeypatch):
 
 # ---------------------------------------------------------------- choosing a backend
 def test_backend_resolution_and_overrides(monkeypatch):
-    monkeypatch.delenv(kernels.ENV_VAR, raising=False)
-    assert kernels.available_backends("cpu", torch.float32) == ["cpu_flash", "math"]
+    monkeypatch.delenv(selection.ENV_VAR, raising=False)
+    assert selection.available_backends("cpu", torch.float32) == ["cpu_flash", "math"]
     for dtype in DTYPES:  # cpu_flash passes its self-check for fp64, fp32 and bf16 with torch 2.13
         assert kernels.resolve_backend(device="cpu", dtype=dtype, head_dim=80) == "cpu_flash"
-    monkeypatch.setenv(kernels.ENV_VAR, "math")
+    monkeypatch.setenv(selection.ENV_VAR, "math")
     assert kernels.resolve_backend(device="cpu", dtype=torch.float32, head_dim=64) == "math"
     assert kernels.resolve_backend("cpu_flash", device="cpu", dtype=torch.float32) == "cpu_flash"  # argument wins
-    monkeypatch.setenv(kernels.ENV_VAR, "nonsense")
+    monkeypatch.setenv(selection.ENV_VAR, "nonsense")
     with pytest.raises(ValueError, match="nonsense.*ATTN2D_KERNEL_BACKEND"):
         kernels.resolve_backend(device="cpu", dtype=torch.float32)
     with pytest.raises(ValueError, match="cuda_flash.*usable here: cpu_flash, math"):
@@ -346,17 +347,17 @@ def test_backend_resolution_and_overrides(monkeypatch):
     if importlib.util.find_spec("flash_attn") is None:
         why = backends.BACKENDS["flash_attn"].applies(torch.device("cuda"), torch.bfloat16, 64)
         assert "flash-attn not usable" in why
-    assert kernels.available_backends("cuda", torch.float64) == ["math"]
-    assert kernels.available_backends("cuda", torch.float32) == ["cuda_efficient", "math"]
-    assert set(kernels.available_backends("cuda", torch.bfloat16, 80)) - {"flash_attn"} == {
+    assert selection.available_backends("cuda", torch.float64) == ["math"]
+    assert selection.available_backends("cuda", torch.float32) == ["cuda_efficient", "math"]
+    assert set(selection.available_backends("cuda", torch.bfloat16, 80)) - {"flash_attn"} == {
         "cuda_flash", "cudnn", "cuda_efficient", "math"}
-    assert "cuda_flash" not in kernels.available_backends("cuda", torch.bfloat16, 36)  # head_dim not a multiple of 8
+    assert "cuda_flash" not in selection.available_backends("cuda", torch.bfloat16, 36)  # head_dim not a multiple of 8
 
 
 def test_auto_falls_back_when_a_backend_disagrees_with_math(monkeypatch):
-    monkeypatch.delenv(kernels.ENV_VAR, raising=False)
-    monkeypatch.setattr(kernels, "_CHECKED", {})
-    monkeypatch.setattr(kernels, "_RESOLVED", {})
+    monkeypatch.delenv(selection.ENV_VAR, raising=False)
+    monkeypatch.setattr(selection, "_CHECKED", {})
+    monkeypatch.setattr(selection, "_RESOLVED", {})
     good = backends.BACKENDS["cpu_flash"]
 
     def off_by_a_bit(q, k, v, **kw):
@@ -364,7 +365,7 @@ def test_auto_falls_back_when_a_backend_disagrees_with_math(monkeypatch):
         return out, lse + 0.01
 
     monkeypatch.setitem(backends.BACKENDS, "cpu_flash", backends.Backend(
-        "cpu_flash", off_by_a_bit, good.backward, good.applies, False, True, True))
+        "cpu_flash", off_by_a_bit, good.backward, good.applies, False, True))
     with pytest.warns(RuntimeWarning, match="skipped cpu_flash \\(lse differs from math"):
         assert kernels.resolve_backend(device="cpu", dtype=torch.float32, head_dim=64) == "math"
     with warnings.catch_warnings():
@@ -383,7 +384,7 @@ def test_default_backend_matches_reference():
 # ---------------------------------------------------------------- CUDA adapters: schema binding on meta tensors
 @pytest.mark.parametrize("name", ["cuda_flash", "cuda_efficient", "cudnn"])
 def test_cuda_adapters_bind_to_torch_op_schemas(name):
-    """Not a numerical test (no GPU here): runs every piece kind through the adapter on meta tensors, which
+    """Not a numerical test: runs every piece kind through the adapter on meta tensors, which
     dispatches to torch's meta kernels and so checks argument count, order, types and output shapes."""
     impl = backends.BACKENDS[name]
     mask_impl = impl if impl.supports_mask else backends.BACKENDS["cuda_efficient"]
@@ -394,19 +395,19 @@ def test_cuda_adapters_bind_to_torch_op_schemas(name):
         q = torch.empty(B, n_q, H, 80, device="meta", dtype=torch.bfloat16)
         k = torch.empty(B, n_k, H, 80, device="meta", dtype=torch.bfloat16)
         pieces = block_pieces(q_pos, k_pos, n_q, n_k, causal=True, bottom_right=impl.causal_bottom_right)
-        out, lse = kernels._forward_pieces(q, k, k, pieces, 0.1, impl, mask_impl)
+        out, lse = execute.forward_pieces(q, k, k, pieces, 0.1, impl, mask_impl)
         assert out.shape == q.shape and out.dtype == torch.bfloat16 and lse.shape == (B, H, n_q)
         assert lse.dtype == torch.float32
-        dq, dk, dv = kernels._backward_pieces(q, q, k, k, out, lse, pieces, 0.1, impl, mask_impl)
+        dq, dk, dv = execute.backward_pieces(q, q, k, k, out, lse, pieces, 0.1, impl, mask_impl)
         assert dq.shape == q.shape and dk.shape == dv.shape == k.shape and dq.dtype == torch.float32
 
 
 def test_auto_routes_masked_pieces_apart_from_dense_ones(monkeypatch):
     """A backend whose explicit masks are wrong (dense pieces fine) keeps the dense pieces under "auto"; its masked
     pieces go to the next backend whose mask check passes ("math" on CPU)."""
-    monkeypatch.delenv(kernels.ENV_VAR, raising=False)
-    monkeypatch.setattr(kernels, "_CHECKED", {})
-    monkeypatch.setattr(kernels, "_RESOLVED", {})
+    monkeypatch.delenv(selection.ENV_VAR, raising=False)
+    monkeypatch.setattr(selection, "_CHECKED", {})
+    monkeypatch.setattr(selection, "_RESOLVED", {})
     good = backends.BACKENDS["cpu_flash"]
     used = []
 
@@ -416,7 +417,7 @@ def test_auto_routes_masked_pieces_apart_from_dense_ones(monkeypatch):
         return (out, lse + 0.5) if kw["mask"] is not None else (out, lse)
 
     monkeypatch.setitem(backends.BACKENDS, "cpu_flash", backends.Backend(
-        "cpu_flash", bad_masks, good.backward, good.applies, False, True, True))
+        "cpu_flash", bad_masks, good.backward, good.applies, False, True))
     q, k, v, _ = _qkv(torch.float32, 64)
     qs, ks = Span(1, 7, 12), Span(0, 11, 8)  # steps 7, 11 (not re-strided): an explicit-mask piece, an unmasked tail
     with pytest.warns(RuntimeWarning, match="skipped cpu_flash \\(lse differs"):
@@ -433,11 +434,11 @@ def test_auto_routes_masked_pieces_apart_from_dense_ones(monkeypatch):
 # ---------------------------------------------------------------- flash_attn adapter vs a stand-in of its interface
 @torch.library.custom_op("attn2d_test::flash_attn_backward", mutates_args=("dq", "dk", "dv"))
 def _fake_flash_attn_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                              softmax_lse: torch.Tensor, dq: Optional[torch.Tensor], dk: Optional[torch.Tensor],
-                              dv: Optional[torch.Tensor], dropout_p: float, softmax_scale: float, causal: bool,
+                              softmax_lse: torch.Tensor, dq: torch.Tensor | None, dk: torch.Tensor | None,
+                              dv: torch.Tensor | None, dropout_p: float, softmax_scale: float, causal: bool,
                               window_size_left: int, window_size_right: int, softcap: float,
-                              alibi_slopes: Optional[torch.Tensor], deterministic: bool,
-                              rng_state: Optional[torch.Tensor] = None) -> torch.Tensor:
+                              alibi_slopes: torch.Tensor | None, deterministic: bool,
+                              rng_state: torch.Tensor | None = None) -> torch.Tensor:
     """flash-attn 2.7+'s _flash_attn_backward signature (a custom op writing dq, dk, dv), computed by "math"."""
     assert dropout_p == 0.0 and (window_size_left, window_size_right) == (-1, -1) and alibi_slopes is None
     g = backends.math_backward(dout, q, k, v, out, softmax_lse, scale=softmax_scale, causal=causal, mask=None)
@@ -455,7 +456,7 @@ def _fake_flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=Fal
 
 
 def test_flash_attn_adapter_follows_its_documented_interface(monkeypatch):
-    """Not the real package (no GPU here): a stand-in with flash-attn 2.7+'s signatures checks that the adapter
+    """Not the real package: a stand-in with flash-attn 2.7+'s signatures checks that the adapter
     finds the version, passes arguments in the documented order and reads lse / fills dq, dk, dv as documented."""
     fai = types.ModuleType("flash_attn.flash_attn_interface")
     fai.flash_attn_func, fai._flash_attn_backward = _fake_flash_attn_func, _fake_flash_attn_backward
@@ -467,7 +468,7 @@ def test_flash_attn_adapter_follows_its_documented_interface(monkeypatch):
     q, k, v, dout = _qkv(torch.float32, 64, n=12)  # flash-attn keeps lse and grads in fp32
     q_pos, k_pos = (Span(0, 1, 6), Span(18, 1, 6)), (Span(3, 1, 6), Span(12, 1, 6))  # offsets, empty rows
     pieces = block_pieces(q_pos, k_pos, 12, 12, causal=True, bottom_right=impl.causal_bottom_right)
-    out, lse = kernels._forward_pieces(q, k, v, pieces, 0.125, impl, impl)
+    out, lse = execute.forward_pieces(q, k, v, pieces, 0.125, impl, impl)
     qi, ki = _pos(q_pos), _pos(k_pos)
     want_o, want_l = _ref_block(q, k, v, qi, ki)
     _close(out, want_o, torch.float32, "out")
@@ -475,7 +476,7 @@ def test_flash_attn_adapter_follows_its_documented_interface(monkeypatch):
     q64, k64, v64 = (_leaf(t) for t in (q, k, v))
     o64, _ = _ref_block(q64, k64, v64, qi, ki)
     o64.backward(dout.double())
-    grads = kernels._backward_pieces(dout, q, k, v, out, lse, pieces, 0.125, impl, impl)
+    grads = execute.backward_pieces(dout, q, k, v, out, lse, pieces, 0.125, impl, impl)
     for name, g, want in zip("qkv", grads, (q64.grad, k64.grad, v64.grad)):
         _close(g, want, torch.float32, f"d{name}")
     # adapter level: causal with Lq > Lk leaves rows 0, 1 without a key; flash-attn says +inf, the adapter -inf

@@ -11,8 +11,14 @@ from attn2d.attention.kernels import block_pieces
 from attn2d.attention.ring import BWD_OPS, FWD_OPS, comm_ops, ring_attention, step_spans
 from attn2d.distributed import GridError, ProcessGrid, count_comm
 from attn2d.distributed.comm import total_comm
-from attn2d.testing import (assert_errors_match, assert_matches_reference, call_errors, counting_backend_calls,
-                            random_case, run_distributed)
+from attn2d.testing import (
+    assert_errors_match,
+    assert_matches_reference,
+    call_errors,
+    counting_backend_calls,
+    random_case,
+    run_distributed,
+)
 
 B, H, D = 2, 3, 80  # head_dim of GPT-3 2.7B
 N = 24  # a multiple of 2P for every P used: 1, 2, 3, 4

@@ -1,9 +1,11 @@
-"""Run a function on N real gloo processes (spawned, file:// rendezvous) and collect each rank's result.
+"""Run a function on N real gloo processes (spawned, file:// rendezvous) and collect each rank's result; the shared
+checks of the distributed-attention tests; counters of backend calls (counting_backend_calls) and of aten ops and
+torch's functional collectives (OpCounter). Used by the tests and the CPU benchmarks.
 
-Used by the tests and the CPU benchmarks. The function must be importable (module level) and picklable; it is
-called as fn(rank, world_size, *args) after the default process group is up, and its return value (anything
-torch.save can write) comes back in rank order. An exception on any rank is re-raised here with that rank's
-traceback; a hang ends after `timeout_s` with every process killed.
+run_distributed: the function must be importable (module level) and picklable; it is called as
+fn(rank, world_size, *args) after the default process group is up, and its return value (anything torch.save can
+write) comes back in rank order. An exception on any rank is re-raised here with that rank's traceback; a hang ends
+after `timeout_s` with every process killed.
 """
 from __future__ import annotations
 
@@ -11,12 +13,19 @@ import contextlib
 import dataclasses
 import datetime
 import os
+import re
 import tempfile
 import traceback
+from collections import Counter
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from attn2d import costmodel as cm
+from attn2d.attention import backends, layout
+from attn2d.attention.reference import reference_attention
 
 
 def _worker(rank: int, world_size: int, init_file: str, out_dir: str, fn, args, timeout_s: float) -> None:
@@ -92,8 +101,6 @@ def call_errors(calls: dict) -> dict:
 
 def assert_errors_match(errors: dict, expected: dict) -> None:
     """Every named call raised, with a message matching its regex."""
-    import re
-
     for name, pattern in expected.items():
         assert errors[name] is not None, f"{name}: no error raised"
         assert re.search(pattern, errors[name]), f"{name}: {errors[name]!r} !~ {pattern!r}"
@@ -106,8 +113,6 @@ def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 def assemble(shards: list, lay: str, seq_len: int, rows: int, cols: int) -> torch.Tensor:
     """Put every rank's shard (B, N/P, H, D), in rank order, back at its layout positions: (B, N, H, D) float64."""
-    from attn2d.attention import layout
-
     b, _, h, d = shards[0].shape  # h: q's or k's heads, whichever the shards are
     full = torch.zeros(b, seq_len, h, d, dtype=torch.float64)
     for rank, x in enumerate(shards):
@@ -119,8 +124,6 @@ def assert_matches_reference(case: dict, results: list, lay: str, rows: int, col
                              label: str) -> None:
     """Each rank's out, dq, dk, dv (in `results`, rank order) equal the float64 single-device reference computed on
     the case's inputs rounded to the run's dtype, to relative error < tol; and come back in that dtype."""
-    from attn2d.attention.reference import reference_attention
-
     dt = getattr(torch, case["dtype"]) if isinstance(case["dtype"], str) else case["dtype"]
     q, k, v = (case[x].to(dt).double().requires_grad_() for x in "qkv")
     ref, _ = reference_attention(q, k, v, causal=case["causal"])
@@ -136,8 +139,6 @@ def assert_matches_reference(case: dict, results: list, lay: str, rows: int, col
 def counting_backend_calls(name: str):
     """Wrap attention backend `name`'s entry points while inside; yields the list of calls made through them, each
     ("fwd" | "bwd", rows, keys). The kernel layer looks the backend up at every call, so this sees them all."""
-    from attn2d.attention import backends
-
     impl, calls = backends.BACKENDS[name], []
 
     def fwd(q, k, v, **kw):
@@ -155,10 +156,53 @@ def counting_backend_calls(name: str):
         backends.BACKENDS[name] = impl
 
 
+KERNEL_OPS = ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward",
+              "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_backward",
+              "_scaled_dot_product_efficient_attention", "_scaled_dot_product_efficient_attention_backward",
+              "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_cudnn_attention_backward")
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts, per pass, attention kernel calls (KERNEL_OPS), other aten ops, and the bytes and messages of
+    torch's functional collectives (what torch's ring uses; our algorithms' p2p and collectives are counted by
+    attn2d.distributed.comm, with the same convention: all-gather of b bytes over g ranks sends (g-1) b in g-1
+    messages; an all-to-all sends what goes to other ranks). Communication ops are not counted as aten ops."""
+
+    def __init__(self):
+        super().__init__()
+        self.kernels, self.ops, self.sent, self.msgs = 0, 0, 0, 0
+        self.by_name = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        ns, name = func.namespace, func._schema.name.split("::")[-1]
+        if name in KERNEL_OPS:
+            self.kernels += 1
+        elif ns in ("c10d", "_c10d_functional", "c10d_functional"):
+            self._comm(name, args)
+        else:
+            self.ops += 1
+            self.by_name[name] += 1
+        return func(*args, **kwargs)
+
+    def _comm(self, name, args):
+        if name == "all_gather_into_tensor":
+            x, g = args[0], args[1]
+            self.sent += (g - 1) * x.numel() * x.element_size()
+            self.msgs += g - 1
+        elif name == "all_to_all_single":
+            x, in_splits = args[0], args[2]
+            me, row = dist.get_rank(), x[0].numel() * x.element_size() if x.dim() > 1 else x.element_size()
+            to_others = [sp for j, sp in enumerate(in_splits) if j != me]  # the world group: group rank = rank
+            self.sent += sum(to_others) * row
+            self.msgs += sum(1 for sp in to_others if sp)
+
+    def as_dict(self) -> dict:
+        return {"kernel_calls": self.kernels, "aten_ops": self.ops, "bytes_sent": self.sent, "messages": self.msgs}
+
+
 def synthetic_hardware(**kw):
     """A hand-made two-level cost-model network with round numbers (expected times can be written down by hand)."""
-    from attn2d import costmodel as cm
-
     base = dict(name="synthetic", gpus_per_node=4, matmul_flops_per_s=1e14, attn_fwd_flops_per_s=1e14,
                 attn_bwd_flops_per_s=1e14, collective_base_latency_s=1e-5, intra=cm.Link(1e-6, 1e11),
                 inter=cm.Link(1e-5, 1e10), inter_rank_bw_bytes_per_s=5e9, overlap_efficiency=1.0)

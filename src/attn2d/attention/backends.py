@@ -1,6 +1,6 @@
 """Backend adapters for local block attention: one forward and one backward per backend, one contract.
 
-kernels.py splits a block into pieces (see `block_pieces`) and hands each piece to an adapter here:
+planner.py splits a block into pieces (`block_pieces`) and execute.py hands each piece to an adapter here:
 - q (B, Lq, H, D), k, v (B, Lk, H, D), any strides (rows may be a slice of a bigger block);
 - `causal`: key j is visible to query i iff j <= i + (Lk - Lq) (bottom-right). The planner gives Lk != Lq only
   to backends with causal_bottom_right=True; for the others a causal piece is always square;
@@ -14,22 +14,22 @@ P = exp(S - lse) is 0 there instead of NaN (checked on the CPU op: -inf gives Na
 
 The CUDA adapters (cuda_flash, cuda_efficient, cudnn, flash_attn) are written from the op schemas of torch 2.13
 (`torch.ops.aten.<op>.default._schema`), torch's own context-parallel code, and flash-attn 2.7+'s
-flash_attn_interface.py. They were NOT run on a GPU here; their argument binding is tested on "meta" tensors,
-and kernels.resolve_backend("auto") self-checks each one against "math" before first use.
+flash_attn_interface.py; their argument binding is tested on "meta" tensors, and selection.resolve_backend("auto")
+self-checks each one against "math" before first use.
 """
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
-from attn2d.dtypes import acc_dtype
+from attn2d.dtypes import SHORT, acc_dtype
 
 INF = float("inf")
 HALF = (torch.float16, torch.bfloat16)
-FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+FLOATS = tuple(SHORT.values())
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,6 @@ class Backend:
     applies: Callable  # applies(device, dtype, head_dim | None) -> None if usable, else the reason why not
     causal_bottom_right: bool  # takes a causal piece with Lk > Lq in one call
     supports_mask: bool
-    run_here: bool  # False: written from the documented API, not run on a GPU here
 
 
 def _bhld(x: torch.Tensor) -> torch.Tensor:
@@ -81,7 +80,7 @@ def _visibility(n_q: int, n_k: int, causal: bool, mask, device):
 
 
 def _lse_of(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
+    return t.to(acc_dtype(t.dtype))
 
 
 # ---------------------------------------------------------------- math: materialised scores, any device/dtype
@@ -139,7 +138,7 @@ def _cpu_flash_applies(device, dtype, head_dim):
     return None if dtype in FLOATS else f"dtype {dtype} is not supported"
 
 
-# ---------------------------------------------------------------- CUDA adapters (not run on a GPU here)
+# ---------------------------------------------------------------- CUDA adapters
 def _cuda_applies(dtypes, what):
     def applies(device, dtype, head_dim):
         if device.type != "cuda":
@@ -161,14 +160,14 @@ def _int64(device):
 
 
 def cuda_flash_forward(q, k, v, *, scale, causal, mask):
-    """torch's FlashAttention-2 op; causal is bottom-right for Lq != Lk. Not run on a GPU here."""
+    """torch's FlashAttention-2 op; causal is bottom-right for Lq != Lk."""
     res = torch.ops.aten._scaled_dot_product_flash_attention(
         _bhld(q), _bhld(k), _bhld(v), 0.0, causal, False, scale=scale)  # 9 outputs: out, lse (B, H, Lq) fp32, ...
     return _fix_empty(_bhld(res[0]), res[1].float(), None, k.shape[1], causal)
 
 
 def cuda_flash_backward(dout, q, k, v, out, lse, *, scale, causal, mask):
-    """Not run on a GPU here. cum_seq_q/k None = the dense (not varlen) path, as the forward returns them."""
+    """cum_seq_q/k None = the dense (not varlen) path, as the forward returns them."""
     dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
         _bhld(dout.to(q.dtype)), _bhld(q), _bhld(k), _bhld(v), _bhld(out.to(q.dtype)), lse.float().contiguous(),
         None, None, q.shape[1], k.shape[1], 0.0, causal, _uint64((2,), q.device), _uint64((), q.device),
@@ -184,14 +183,15 @@ def _bias(mask, q, k):
 
 
 def cuda_efficient_forward(q, k, v, *, scale, causal, mask):
-    """Memory-efficient (cutlass) op; causal is top-left; lse comes padded along L. Not run on a GPU here."""
+    """Memory-efficient (cutlass) op; causal is top-left; lse comes padded along L."""
     out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
         _bhld(q), _bhld(k), _bhld(v), _bias(mask, q, k), True, 0.0, causal, scale=scale)[:2]
-    return _fix_empty(_bhld(out), lse[..., : q.shape[1]].float(), mask, k.shape[1])  # lse (B, H, ceil32(Lq)) -> (B, H, Lq)
+    lse = lse[..., : q.shape[1]]  # (B, H, ceil32(Lq)) -> (B, H, Lq)
+    return _fix_empty(_bhld(out), lse.float(), mask, k.shape[1])
 
 
 def cuda_efficient_backward(dout, q, k, v, out, lse, *, scale, causal, mask):
-    """Not run on a GPU here. lse is handed over padded to 32 rows, the shape the forward produces."""
+    """lse is handed over padded to 32 rows, the shape the forward produces."""
     b, n_q, h, _ = q.shape
     lse_pad = torch.full((b, h, -(-n_q // 32) * 32), INF, dtype=torch.float32, device=q.device)  # (B, H, ceil32)
     lse_pad[..., :n_q] = lse
@@ -205,17 +205,18 @@ _CUDNN_LSE_DIM: list[int] = []  # rank of the lse the cuDNN forward returns in t
 
 
 def cudnn_forward(q, k, v, *, scale, causal, mask):
-    """cuDNN fused attention; causal used for square pieces only. Not run on a GPU here."""
+    """cuDNN fused attention; causal used for square pieces only."""
     q, k, v = (x.contiguous() for x in (q, k, v))  # one (B, L, H, D) layout for q, k, v, out, dout
     res = torch.ops.aten._scaled_dot_product_cudnn_attention(
         _bhld(q), _bhld(k), _bhld(v), _bias(mask, q, k), True, 0.0, causal, False, scale=scale)
     _CUDNN_LSE_DIM[:] = [res[1].dim()]
     b, n_q, h, _ = q.shape
-    return _fix_empty(_bhld(res[0]), res[1].reshape(b, h, n_q).float(), mask, k.shape[1])  # lse (B, H, Lq[, 1]) -> (B, H, Lq)
+    lse = res[1].reshape(b, h, n_q)  # (B, H, Lq[, 1]) -> (B, H, Lq)
+    return _fix_empty(_bhld(res[0]), lse.float(), mask, k.shape[1])
 
 
 def cudnn_backward(dout, q, k, v, out, lse, *, scale, causal, mask):
-    """Not run on a GPU here. lse goes back in the rank the forward of this torch version returns."""
+    """lse goes back in the rank the forward of this torch version returns."""
     if not _CUDNN_LSE_DIM:
         cudnn_forward(q[:, :1], k[:, :1], v[:, :1], scale=scale, causal=False, mask=None)  # learn the lse rank
     q, k, v = (x.contiguous() for x in (q, k, v))
@@ -250,7 +251,7 @@ def _flash_attn():
 
 
 def flash_attn_forward(q, k, v, *, scale, causal, mask):
-    """flash_attn_func(return_attn_probs=True) -> (out, lse, S); causal bottom-right. Not run on a GPU here."""
+    """flash_attn_func(return_attn_probs=True) -> (out, lse, S); causal bottom-right."""
     fai, _ = _flash_attn()
     out, lse, _ = fai.flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=scale, causal=causal,
                                       return_attn_probs=True)  # out (B, Lq, H, D), lse (B, H, Lq); +inf = empty
@@ -258,7 +259,7 @@ def flash_attn_forward(q, k, v, *, scale, causal, mask):
 
 
 def flash_attn_backward(dout, q, k, v, out, lse, *, scale, causal, mask):
-    """flash_attn_interface._flash_attn_backward writes into dq, dk, dv. Not run on a GPU here."""
+    """flash_attn_interface._flash_attn_backward writes into dq, dk, dv."""
     fai, _ = _flash_attn()
     q, k, v = (x.contiguous() for x in (q, k, v))
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -273,14 +274,13 @@ def _flash_attn_applies(device, dtype, head_dim):
 
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (
-    Backend("math", math_forward, math_backward, _math_applies, True, True, True),
-    Backend("cpu_flash", cpu_flash_forward, cpu_flash_backward, _cpu_flash_applies, False, True, True),
-    Backend("flash_attn", flash_attn_forward, flash_attn_backward, _flash_attn_applies, True, False, False),
-    Backend("cudnn", cudnn_forward, cudnn_backward, _cuda_applies(HALF, "cudnn"), False, True, False),
-    Backend("cuda_flash", cuda_flash_forward, cuda_flash_backward, _cuda_applies(HALF, "cuda_flash"), True, False,
-            False),
+    Backend("math", math_forward, math_backward, _math_applies, True, True),
+    Backend("cpu_flash", cpu_flash_forward, cpu_flash_backward, _cpu_flash_applies, False, True),
+    Backend("flash_attn", flash_attn_forward, flash_attn_backward, _flash_attn_applies, True, False),
+    Backend("cudnn", cudnn_forward, cudnn_backward, _cuda_applies(HALF, "cudnn"), False, True),
+    Backend("cuda_flash", cuda_flash_forward, cuda_flash_backward, _cuda_applies(HALF, "cuda_flash"), True, False),
     Backend("cuda_efficient", cuda_efficient_forward, cuda_efficient_backward,
-            _cuda_applies((torch.float32, *HALF), "cuda_efficient"), False, True, False),
+            _cuda_applies((torch.float32, *HALF), "cuda_efficient"), False, True),
 )}
 
 

@@ -24,12 +24,14 @@ from attn2d.attention.layout import LAYOUTS, grid_shape, shard_info
 from attn2d.distributed import comm
 from attn2d.distributed.grid import ProcessGrid
 from attn2d.distributed.health import fmt_ranks, group_ranks
+from attn2d.dtypes import SHORT
+
 
 class RankMismatchError(ValueError):
     """The ranks of a group passed different inputs; every rank raises the same one."""
 
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FLOAT_DTYPES = tuple(SHORT.values())  # dtype codes of the descriptor
 _FIELDS = ("algorithm", "batch", "positions per rank (N/P)", "heads", "k/v heads", "head dim", "dtype", "causal",
            "layout", "grid")
 _ALGOS = ("attention2d", "attention2d_overlap", "ring_attention")  # names the messages can decode
@@ -40,7 +42,7 @@ def check_heads(algo: str, q: torch.Tensor, heads: int | None) -> None:
     """q is (B, N/P, H, D) with H = heads (skipped when heads is None)."""
     if heads is None or q.dim() != 4 or q.shape[2] == heads:
         return
-    hint = (f"; it looks like (B, H, N/P, D): pass q.transpose(1, 2) (and k, v)" if q.shape[1] == heads else "")
+    hint = ("; it looks like (B, H, N/P, D): pass q.transpose(1, 2) (and k, v)" if q.shape[1] == heads else "")
     raise ValueError(f"{algo}: q has shape {tuple(q.shape)} but heads={heads}: the shards must be (B, N/P, H, D) "
                      f"with the heads at dim 2{hint}")
 
@@ -59,7 +61,10 @@ def check_tags(algo: str, tensors: dict, layout: str, grid_or_group) -> None:
             raise ValueError(f"{algo}: {name} was sharded along dim {info.dim}, but the sequence must be dim 1 "
                              f"(B, N/P, H, D): shard with dim=1 (transpose (B, H, N, D) tensors first)")
         # cyclic positions depend on rows and cols; the ring layouts only on P and the rank
-        same_grid = (info.rows, info.cols) == (rows, cols) if layout == "cyclic" else info.rows * info.cols == rows * cols
+        if layout == "cyclic":
+            same_grid = (info.rows, info.cols) == (rows, cols)
+        else:
+            same_grid = info.rows * info.cols == rows * cols
         if not same_grid or info.rank != rank:
             raise ValueError(f"{algo}: {name} was sharded for rank {info.rank} of grid {info.rows}x{info.cols}, but "
                              f"this call runs on rank {rank} of grid {rows}x{cols}: shard it with this call's grid")

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from attn2d.dtypes import acc_dtype, as_dtype, wire_bytes
 from attn2d.distributed import comm
 from attn2d.distributed.grid import ProcessGrid
+
 
 def recv_like(x: torch.Tensor) -> torch.Tensor:
     """A contiguous receive buffer shaped like x (gloo and comm.send_recv need contiguous buffers)."""
@@ -97,5 +97,5 @@ def grid_rank(rows: int, cols: int, rank: int | None) -> int:
     return rank
 
 
-__all__ = ["as_dtype", "acc_dtype", "wire_bytes", "recv_like", "check_qkv", "check_grid_shards",
+__all__ = ["recv_like", "check_qkv", "check_grid_shards",
            "kv_send_peer", "kv_recv_peer", "kv_moves", "permute_kv", "grid_rank"]

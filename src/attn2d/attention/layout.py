@@ -21,7 +21,6 @@ tensor is checked only by shape and, across ranks, by the attentions' descriptor
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 import torch.distributed as dist
@@ -73,7 +72,7 @@ class Span:
 
 
 Spans = tuple[Span, ...]
-GridOrGroup = Union[ProcessGrid, dist.ProcessGroup, None]
+GridOrGroup = ProcessGrid | dist.ProcessGroup | None
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ place (what Ring Attention and the kernel layer's multi-piece blocks use: no tem
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -7,8 +7,8 @@ from here.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from attn2d.attention.layout import Span, Spans, check_layout, layout_problem
 

@@ -1,42 +1,11 @@
-"""Ring Attention (Liu, Zaharia, Abbeel, arXiv 2310.01889), the paper's 1-D baseline (Sec. 2), with a hand-written
-backward, on a 1-D group of P ranks.
+"""Ring Attention (Liu, Zaharia, Abbeel, arXiv 2310.01889), the paper's 1-D baseline (Sec. 2), on a 1-D group of P
+ranks, with a hand-written backward.
 
-Layouts (attn2d.attention.layout): "zigzag" (the sequence cut into 2P chunks, rank k holds chunks k and 2P-1-k:
-causal load balance, as ring-flash-attention's zigzag and Megatron context parallelism) or "contiguous" (rank k
-holds [k N/P, (k+1) N/P)). Every rank holds n = N/P positions of q, k, v and out.
-
-Forward: K and V stacked in one buffer circulate around the ring (send to rank+1, receive from rank-1). At step
-s = 0..P-1 rank i holds the K/V of source rank (i - s) mod P; the exchange for step s+1 is posted BEFORE the
-compute of step s (overlap), P-1 exchanges in all, into two alternating preallocated buffers. The steps' positions
-are planned once per (layout, seq_len, rank, P) (`ring_plan`), and the kernel layer plans and caches each step's
-backend calls from them: under causal masking with the zigzag layout every step is ONE kernel call (step 0: a
-causal call on the two local chunks; a source rank below i: all queries against the first received chunk; above
-i: the second local chunk of queries against both received chunks), the same work on every rank at every step
-(ring-flash-attention's zigzag, torch's head-tail load balance); with "contiguous" rank i has work only at steps
-s <= i. Step 0's (out, lse) becomes the fp32 accumulator; every later step is merged into it in place, on only
-the rows it touches (kernels.attn_forward_into: AttnFix in log-sum-exp form, Alg. 2). Saved for backward: q, k,
-v, out, lse (all 1/P shards).                                                                        [op kv_ring]
-
-Backward: every block's gradient uses the GLOBAL out and lse of its query rows (kernels.attn_backward), so blocks
-are independent. K/V circulate again, and fp32 dK/dV accumulators travel with them, one step behind:
-  step s: rank i posts ONE message (before computing) holding K/V of block b = (i - s) mod P (s < P-1) and the
-          accumulator of block b + 1, which it finished at step s-1 (s >= 1); it receives K/V of block b - 1 and
-          the accumulator of block b (contributions of ranks b .. i-1); it computes block b, adds dq locally
-          (fp32) and, after the wait, adds its dk/dv to the received accumulator of block b.     [op kv_dkv_ring]
-  end:    the accumulator of block i+1 now holds every rank's contribution: one last message returns it to its
-          owner (the only exposed transfer of the backward).                                   [op dkv_to_owner]
-  The message is one flat byte buffer [accumulator (fp32; fp64 for fp64 inputs) | K/V (input dtype)]; two such
-  buffers alternate, and the one received at step s, after this rank has added its dK/dV into it in place, is
-  exactly what it sends at step s+1 (no packing copy). The kernel of step s runs while that buffer arrives
-  (kernels.attn_backward_into hands back the key gradients, added after the wait). The gradients are cast to the
-  input dtypes at the end.
-
-Per-rank volume (every rank the same; n = N/P, e = bytes of the input dtype, a = 4 (8 for float64)):
-  forward  kv_ring       (P-1) 2 B n H D e                 P-1 messages   = 2 (P-1) N H D B e / P ~ 2 N H D B e
-  backward kv_dkv_ring   (P-1) 2 B n H D (e + a)          P messages (step 0: K/V only, step P-1: dK/dV only)
-           dkv_to_owner  2 B n H D a                       1 message
-i.e. the classic O(N) ring volume of Sec. 2 [D]: it does not fall as P grows (the paper's point against Ring).
-CUDA: nothing here is device specific (batch_isend_irecv through attn2d.distributed.comm); not run on a GPU here.
+Layouts "zigzag" (2P chunks, rank k holds chunks k and 2P-1-k: causal load balance) or "contiguous". Forward: K/V
+circulate around the ring (send to rank+1, receive from rank-1), each exchange posted before the compute it hides
+behind, every step merged into an accumulator in place (AttnFix, Alg. 2). Backward: K/V circulate again with the
+dK/dV accumulators riding one step behind, then one message returns each accumulator to its owner. Steps, message
+layout and volume: docs/algorithms.md#ring-attention.
 """
 from __future__ import annotations
 
@@ -49,18 +18,23 @@ import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from attn2d.attention import kernels
-from attn2d.attention.registry import AttentionImpl, Schedule, register, single_call_schedule
 from attn2d.attention.checks import check_call
-from attn2d.attention.common import acc_dtype, check_qkv, check_shapes, wire_bytes
+from attn2d.attention.common import check_qkv, check_shapes
 from attn2d.attention.layout import Spans, layout_spans
+from attn2d.attention.registry import AttentionImpl, Schedule, register, single_call_schedule
 from attn2d.distributed import comm
 from attn2d.distributed.comm import CommOp
 from attn2d.distributed.grid import GridError, ProcessGrid, check_seq_len
+from attn2d.dtypes import acc_dtype, wire_bytes
 
+NAME = "ring_attention"  # the name in error messages and the cross-rank input check
 LAYOUTS = ("zigzag", "contiguous")
 # op names as counted by attn2d.distributed.comm (CommStats.by_op) and predicted by comm_ops
-FWD_OPS = ("kv_ring",)
-BWD_OPS = ("kv_dkv_ring", "dkv_to_owner")
+OP_KV_RING = "kv_ring"
+OP_KV_DKV_RING = "kv_dkv_ring"
+OP_DKV_TO_OWNER = "dkv_to_owner"
+FWD_OPS = (OP_KV_RING,)
+BWD_OPS = (OP_KV_DKV_RING, OP_DKV_TO_OWNER)
 
 
 # ---------------------------------------------------------------------------------------------- the ring
@@ -75,16 +49,15 @@ class Ring:
     prev: int  # global rank of (rank - 1) % P: where K/V come from
 
     @staticmethod
-    def of(group: dist.ProcessGroup | None) -> "Ring":
+    def of(group: dist.ProcessGroup | None) -> Ring:
         if not dist.is_initialized():
             if group is not None:
-                raise ValueError("ring_attention: a process group was given but torch.distributed is not initialised")
+                raise ValueError(f"{NAME}: a process group was given but torch.distributed is not initialised")
             return Ring(None, 0, 1, 0, 0)
         ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
         rank = dist.get_rank(group)
         if rank < 0:
-            raise ValueError(f"ring_attention: this process (world rank {dist.get_rank()}) is not in the group "
-                             f"{ranks}")
+            raise ValueError(f"{NAME}: this process (world rank {dist.get_rank()}) is not in the group {ranks}")
         size = len(ranks)
         return Ring(group, rank, size, ranks[(rank + 1) % size], ranks[(rank - 1) % size])
 
@@ -92,7 +65,8 @@ class Ring:
 def step_spans(layout: str, seq_len: int, rank: int, world: int, step: int) -> tuple[Spans, Spans]:
     """(q_pos, k_pos) of the block rank `rank` computes at ring step `step`: its own positions against the
     positions of source rank (rank - step) mod P."""
-    return layout_spans(layout, seq_len, rank, world, 1), layout_spans(layout, seq_len, (rank - step) % world, world, 1)
+    own = layout_spans(layout, seq_len, rank, world, 1)
+    return own, layout_spans(layout, seq_len, (rank - step) % world, world, 1)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -105,8 +79,8 @@ def ring_plan(layout: str, seq_len: int, rank: int, world: int) -> tuple[tuple[S
 
 
 # ---------------------------------------------------------------------------------------------- forward loop
-def ring_forward(q, k, v, ring: Ring, causal: bool, layout: str):
-    """Forward ring: out (B, n, H, D) in q's dtype, lse (B, H, n) fp32 (fp64 for fp64 inputs).
+def ring_attention_forward(q, k, v, ring: Ring, causal: bool, layout: str):
+    """Forward ring: out (B, n, H, D) in q's dtype, lse (B, H, n) in the accumulation dtype.
 
     K/V circulate in two preallocated buffers (receive into one while computing on the other); the running (out,
     lse) is accumulated in place in fp32, only on the rows each step touches (kernels.attn_forward_into)."""
@@ -120,7 +94,7 @@ def ring_forward(q, k, v, ring: Ring, causal: bool, layout: str):
         kv, spare = bufs[s % 2], bufs[(s + 1) % 2]  # kv: K/V of source rank (i - s) mod P
         handle = None
         if s < P - 1:  # post the exchange for step s+1 before computing step s
-            handle = comm.send_recv([(kv, ring.next)], [(spare, ring.prev)], op="kv_ring", async_op=True,
+            handle = comm.send_recv([(kv, ring.next)], [(spare, ring.prev)], op=OP_KV_RING, async_op=True,
                                     group=ring.group)
         q_pos, k_pos = plan[s]
         if s == 0:
@@ -150,8 +124,8 @@ class _Message:
         return self.kv if s == 0 else self.dkv if s == P - 1 else self.raw
 
 
-def ring_backward(dout, q, k, v, out, lse, ring: Ring, causal: bool, layout: str):
-    """Backward ring: (dq, dk, dv) of this rank's shard in fp32 (fp64 for fp64 inputs)."""
+def ring_attention_backward(dout, q, k, v, out, lse, ring: Ring, causal: bool, layout: str):
+    """Backward ring: (dq, dk, dv) of this rank's shard in the accumulation dtype."""
     P, i = ring.size, ring.rank
     plan = ring_plan(layout, q.shape[1] * P, i, P)
     if P == 1:
@@ -164,7 +138,7 @@ def ring_backward(dout, q, k, v, out, lse, ring: Ring, causal: bool, layout: str
     dq = None
     for s in range(P):
         cur, nxt = bufs[s % 2], bufs[(s + 1) % 2]  # cur: K/V of block b = (i - s) mod P (+ acc of block b + 1)
-        handle = comm.send_recv([(cur.part(s, P), ring.next)], [(nxt.part(s, P), ring.prev)], op="kv_dkv_ring",
+        handle = comm.send_recv([(cur.part(s, P), ring.next)], [(nxt.part(s, P), ring.prev)], op=OP_KV_DKV_RING,
                                 async_op=True, group=ring.group)  # receives K/V of b - 1 and the acc of block b
         q_pos, k_pos = plan[s]
         if s == 0:
@@ -182,7 +156,7 @@ def ring_backward(dout, q, k, v, out, lse, ring: Ring, causal: bool, layout: str
             nxt.dkv[1][:, keys].add_(dv_b)
     # the accumulator of block i+1 is complete: return it to its owner, receive mine
     done, free = bufs[P % 2], bufs[(P + 1) % 2]
-    comm.send_recv([(done.dkv, ring.next)], [(free.dkv, ring.prev)], op="dkv_to_owner", group=ring.group)
+    comm.send_recv([(done.dkv, ring.next)], [(free.dkv, ring.prev)], op=OP_DKV_TO_OWNER, group=ring.group)
     return dq, free.dkv[0], free.dkv[1]
 
 
@@ -192,7 +166,7 @@ class RingAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, ring: Ring, causal: bool, layout: str):
-        out, lse = ring_forward(q, k, v, ring, causal, layout)
+        out, lse = ring_attention_forward(q, k, v, ring, causal, layout)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.ring, ctx.causal, ctx.layout = ring, causal, layout
         return out
@@ -201,50 +175,48 @@ class RingAttentionFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ring_backward(dout.to(q.dtype).contiguous(), q, k, v, out, lse, ctx.ring, ctx.causal, ctx.layout)
+        dout = dout.to(q.dtype).contiguous()
+        dq, dk, dv = ring_attention_backward(dout, q, k, v, out, lse, ctx.ring, ctx.causal, ctx.layout)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
 # ---------------------------------------------------------------------------------------------- public entry
 def _validate(q, k, v, ring: Ring, layout: str) -> None:
     if layout not in LAYOUTS:
-        raise ValueError(f"ring_attention: unknown layout {layout!r}; use one of {', '.join(LAYOUTS)}")
-    check_qkv("ring_attention", q, k, v)
-    check_shapes("ring_attention", q, k, v)
+        raise ValueError(f"{NAME}: unknown layout {layout!r}; use one of {', '.join(LAYOUTS)}")
+    check_qkv(NAME, q, k, v)
+    check_shapes(NAME, q, k, v)
     n, P = q.shape[1], ring.size
     if n < 1:
-        raise ValueError(f"ring_attention: the local shard holds {n} positions; every rank needs at least one")
+        raise ValueError(f"{NAME}: the local shard holds {n} positions; every rank needs at least one")
     if layout == "zigzag" and n % 2:
         lo, hi = (n * P) // (2 * P) * 2 * P, ((n * P) // (2 * P) + 1) * 2 * P
-        raise GridError(f"ring_attention (zigzag layout): the local shard holds {n} positions, so seq_len = {P} x {n} "
+        raise GridError(f"{NAME} (zigzag layout): the local shard holds {n} positions, so seq_len = {P} x {n} "
                         f"= {n * P} is not a multiple of 2P = {2 * P} (zigzag cuts the sequence into 2P chunks, two "
                         f"per rank); use a seq_len that is a multiple of {2 * P} (nearest: {lo or 2 * P} or {hi}) "
                         "or layout='contiguous'")
 
 
-def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup | None = None,
-                   causal: bool = True, layout: str = "zigzag", heads: int | None = None) -> torch.Tensor:
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   group: dist.ProcessGroup | ProcessGrid | None = None, causal: bool = True, layout: str = "zigzag",
+                   heads: int | None = None) -> torch.Tensor:
     """Ring Attention (Sec. 2 baseline). q, k, v: this rank's shard (B, N/P, H, D) in `layout` ("zigzag" or
-    "contiguous") over `group` (None: the world) -> out, same shape and dtype. Differentiable.
+    "contiguous") over `group` (a process group, a ProcessGrid: any shape, only its group matters, or None: the
+    world) -> out, same shape and dtype. Differentiable.
 
     Every rank of the group must call it with the same shape; N = P * (N/P). heads: q's head count, if known
     (checks the axis order); see attention/checks.py for every check."""
+    if isinstance(group, ProcessGrid):
+        group = group.group
     ring = Ring.of(group)
     _validate(q, k, v, ring, layout)
-    check_call("ring_attention", q, k, v, layout, group, causal, heads)
+    check_call(NAME, q, k, v, layout, group, causal, heads)
     return RingAttentionFunction.apply(q, k, v, ring, bool(causal), layout)
-
-
-def _group_of(grid):
-    """grid: a ProcessGrid (any shape: only its group and size matter), a ProcessGroup, or None (the world)."""
-    if isinstance(grid, ProcessGrid):
-        return grid.group
-    return grid
 
 
 def _registered(layout: str):
     def fn(q, k, v, *, grid=None, causal: bool = True):
-        return ring_attention(q, k, v, group=_group_of(grid), causal=causal, layout=layout)
+        return ring_attention(q, k, v, group=grid, causal=causal, layout=layout)
 
     fn.__name__ = fn.__qualname__ = f"ring_attention_{layout}"
     return fn
@@ -253,7 +225,7 @@ def _registered(layout: str):
 # ---------------------------------------------------------------------------------------------- analytic volume
 def comm_ops(batch: int, seq_len: int, heads: int, head_dim: int, rows: int, cols: int, dtype, causal: bool = True,
              rank: int | None = None, layout: str = "zigzag", kv_heads: int | None = None) -> list[CommOp]:
-    """Per-rank communication of Ring Attention, op by op, forward then backward (see the module docstring).
+    """Per-rank communication of Ring Attention, op by op, forward then backward (docs/algorithms.md#ring-attention).
     kv_heads: heads of k and v (grouped-query attention; None = heads): only K/V and dK/dV circulate.
 
     The ring runs over all P = rows * cols ranks (the grid's shape does not matter). Every rank moves the same
@@ -274,10 +246,10 @@ def comm_ops(batch: int, seq_len: int, heads: int, head_dim: int, rows: int, col
     kv = 2 * batch * (seq_len // P) * h_kv * head_dim * e  # one K/V message (bytes)
     dkv = 2 * batch * (seq_len // P) * h_kv * head_dim * a  # one dK/dV accumulator (bytes)
     return [
-        CommOp("fwd", "kv_ring", "p2p", "world", P, (P - 1) * kv, (P - 1) * kv, P - 1, steps=P - 1, overlapped=True),
-        CommOp("bwd", "kv_dkv_ring", "p2p", "world", P, (P - 1) * (kv + dkv), (P - 1) * (kv + dkv), P, steps=P,
+        CommOp("fwd", OP_KV_RING, "p2p", "world", P, (P - 1) * kv, (P - 1) * kv, P - 1, steps=P - 1, overlapped=True),
+        CommOp("bwd", OP_KV_DKV_RING, "p2p", "world", P, (P - 1) * (kv + dkv), (P - 1) * (kv + dkv), P, steps=P,
                overlapped=True),
-        CommOp("bwd", "dkv_to_owner", "p2p", "world", P, dkv, dkv, 1, steps=1, overlapped=False),
+        CommOp("bwd", OP_DKV_TO_OWNER, "p2p", "world", P, dkv, dkv, 1, steps=1, overlapped=False),
     ]
 
 
@@ -298,5 +270,5 @@ register(AttentionImpl("ring_contiguous", _registered("contiguous"), layout="con
                        comm_ops=functools.partial(comm_ops, layout="contiguous"),
                        label="Ring Attention (contiguous)", ranks="ring"))
 
-__all__ = ["ring_attention", "ring_forward", "ring_backward", "RingAttentionFunction", "Ring", "step_spans", "ring_plan",
-           "comm_ops", "FWD_OPS", "BWD_OPS", "LAYOUTS"]
+__all__ = ["ring_attention", "ring_attention_forward", "ring_attention_backward", "RingAttentionFunction", "Ring",
+           "step_spans", "ring_plan", "comm_ops", "schedule", "FWD_OPS", "BWD_OPS", "LAYOUTS"]
