@@ -15,7 +15,8 @@ HEADER = {"cell": CELL, "config": {"model": {"name": "tiny"}}, "versions": {"tor
 
 def step(i, **kw):
     comm = max_over_ranks([{"bytes_sent": 10 * r, "bytes_received": 10 * r, "messages": r,
-                            "by_op": {"q_row_all_gather": {"bytes_sent": 10 * r, "bytes_received": 10 * r, "messages": r}}}
+                            "by_op": {"q_row_all_gather": {"bytes_sent": 10 * r, "bytes_received": 10 * r,
+                                                           "messages": r}}}
                            for r in range(4)])
     return {"step": i, "step_time_s": 0.5, "tokens_per_s": 128.0, "tflops_per_gpu": 0.001, "mfu": None,
             "max_mem_gib": 0.3, "loss": 5.5, **comm, **kw}
@@ -76,10 +77,12 @@ def _lines(tmp_path):
     (lambda ls: [ls[1]] + ls[:1] + ls[2:], r"line 1 must be the header"),
     (lambda ls: ls[:-1], r"has no end line"),
     (lambda ls: ls + [ls[1]], r"line 4 comes after the end line"),
-    (lambda ls: [ls[0], json.dumps({**json.loads(ls[1]), "step_time_s": -1.0}), *ls[2:]], r"line 2 \(step\): step_time_s"),
+    (lambda ls: [ls[0], json.dumps({**json.loads(ls[1]), "step_time_s": -1.0}), *ls[2:]],
+     r"line 2 \(step\): step_time_s"),
     (lambda ls: [ls[0], json.dumps({k: v for k, v in json.loads(ls[1]).items() if k != "comm_messages"}), *ls[2:]],
      r"line 2 \(step\).*'comm_messages' is a required property"),
-    (lambda ls: [json.dumps({**json.loads(ls[0]), "cell": {**CELL, "rows": "2"}}), *ls[1:]], r"line 1 \(header\): cell/rows"),
+    (lambda ls: [json.dumps({**json.loads(ls[0]), "cell": {**CELL, "rows": "2"}}), *ls[1:]],
+     r"line 1 \(header\): cell/rows"),
     (lambda ls: [*ls[:-1], json.dumps({**json.loads(ls[-1]), "status": "done"})], r"line 3 \(end\): status"),
     (lambda ls: [ls[0], ls[-1]], r"status ok but no step lines"),
     (lambda ls: [ls[0], ls[1], ls[1], ls[-1]], r"step 1 does not follow step 1"),

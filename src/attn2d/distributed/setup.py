@@ -51,7 +51,8 @@ def _submitit_env() -> str | None:
     return "env://"
 
 
-def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S, device: str = "auto") -> DistInfo:
+def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+                     device: str = "auto") -> DistInfo:
     """Initialise (once) the default process group and pick this rank's device.
 
     device: "auto" (cuda:local_rank if CUDA is available, else cpu), "cpu" or "cuda"."""

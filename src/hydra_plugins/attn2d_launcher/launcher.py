@@ -19,16 +19,17 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, filter_overrides
-from hydra_plugins.hydra_submitit_launcher import submitit_launcher as _plugin
 
 from attn2d.lifecycle import write_job_file
 from attn2d.records import now_iso
 from attn2d.slurm import launcher_params, make_executor
+from hydra_plugins.hydra_submitit_launcher import submitit_launcher as _plugin
 
 log = logging.getLogger(__name__)
 WATCH_DELAY_S = 30  # longest wait between two sacct polls of a job (submitit: 600)
