@@ -33,6 +33,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import jsonschema
+import submitit
 from omegaconf import DictConfig, OmegaConf
 
 METRICS = "metrics.jsonl"
@@ -159,8 +161,6 @@ class Record:
 
 @lru_cache(maxsize=1)
 def _validator():
-    import jsonschema
-
     schema = json.loads(SCHEMA_PATH.read_text())
     cls = jsonschema.validators.validator_for(schema)
     cls.check_schema(schema)
@@ -343,11 +343,9 @@ def job_header() -> dict[str, Any] | None:
     except Exception:  # noqa: BLE001 - provenance must never stop a run
         pass
     try:
-        import submitit  # optional at run time: absent, or not a submitit job, there is no job
-
         env = submitit.JobEnvironment()
         scheduler, job_id = env.cluster, str(env.job_id)
-    except (ImportError, RuntimeError):
+    except RuntimeError:  # not a submitit job
         return None
     slurm = scheduler == "slurm"
 

@@ -10,6 +10,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import submitit
 import torch
 import torch.distributed as dist
 
@@ -36,10 +37,8 @@ def _submitit_env() -> str | None:
     (a random port once failed here with EADDRINUSE, and the other ranks then waited for the collective timeout).
     torch's FileStore deletes the file when every rank has closed it."""
     try:
-        import submitit
-
         env = submitit.JobEnvironment()
-    except (ImportError, RuntimeError):
+    except RuntimeError:  # not a submitit job
         return None
     if env.num_tasks <= 1:
         return None
