@@ -2,9 +2,11 @@
 import json
 
 import pytest
+import torch
 
 from attn2d import records
 from attn2d.bench import max_over_ranks
+from attn2d.config import compose
 from attn2d.records import RecordError, RecordWriter, read_record
 
 CELL = {"experiment": "t", "model": "tiny", "attention": "attn2d", "rows": 2, "cols": 2, "world_size": 4,
@@ -111,3 +113,24 @@ def test_non_finite_numbers_are_rejected_with_file_and_line(tmp_path, constant):
     with pytest.raises(RecordError, match=str(tmp_path / records.METRICS).replace(".", r"\.")
                        + f": line 3 holds the non-finite number {constant}"):
         read_record(tmp_path)
+
+
+def test_cell_holds_the_schemas_fields_in_its_order():
+    """records.cell is the one definition of a header's cell: the schema's fields, in its order, every required
+    one given (null where unknown), the optional grid option where the caller knows it."""
+    c = records.cell(**dict(reversed(CELL.items())), grid="2x2")
+    assert list(c) == [k for k in records.CELL_FIELDS if k in c] and c["grid"] == "2x2"
+    assert list(records.cell(**CELL)) == list(records.CELL_REQUIRED) == list(CELL)
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['gpus'\]"):
+        records.cell(**CELL, gpus=4)
+    with pytest.raises(ValueError, match=r"missing field\(s\) \['rows'\]"):
+        records.cell(**{k: v for k, v in CELL.items() if k != "rows"})
+
+
+def test_the_header_of_a_composed_config_is_a_valid_header_line():
+    h = records.header(compose(["model=tiny", "grid=2x2"]), 4, torch.device("cpu"), None, records.now_iso(),
+                       ranks=[{"host": "a", "device": "cpu: X"}] * 2 + [{"host": "b", "device": "cpu: X"}] * 2)
+    assert records.validate_line({"kind": "header", **h}) is None
+    assert h["cell"] == {**h["cell"], "model": "tiny", "rows": 2, "cols": 2, "world_size": 4, "nodes": 2,
+                         "gpus_per_node": 0, "device": "cpu"}
+    assert h["hosts"] == ["a", "a", "b", "b"] and h["devices"] == ["cpu: X"] * 4

@@ -158,7 +158,7 @@ def full_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-# ---------------------------------------------------------------------------------------------- run records
+# ---------------------------------------------------------------------------------------------- ranks
 def _gather(obj) -> list:
     """Every rank's `obj`, in rank order (not counted: bookkeeping, outside the timed step)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
