@@ -51,10 +51,6 @@ class SequenceParallel:
         self._pos: dict = {}
 
     @property
-    def size(self) -> int:
-        return self.grid.size if self.grid is not None else 1
-
-    @property
     def group(self):
         return self.grid.group if self.grid is not None else None
 
