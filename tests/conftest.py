@@ -3,10 +3,11 @@ thread pool per process oversubscribes the cores badly), and fixtures shared by 
 import os
 from pathlib import Path
 
+import pytest
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import torch  # noqa: E402  after OMP_NUM_THREADS, which torch reads when it loads
 
 torch.set_num_threads(1)
 

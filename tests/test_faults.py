@@ -164,7 +164,8 @@ def test_ranks_passing_different_shapes_or_dtypes_get_an_error_naming_the_rank()
     ring = run_ranks(4, "ring_dtype_disagree", bound_s=90)
     for rank, (status, t, text) in ring.items():
         assert status == "error" and t < 3, (rank, status, t)
-        assert "ring_attention: the ranks disagree on the inputs: rank 2 has dtype float32; ranks 0,1,3 have dtype float64" in text, text[:800]
+        assert ("ring_attention: the ranks disagree on the inputs: rank 2 has dtype float32; ranks 0,1,3 have dtype "
+                "float64") in text, text[:800]
 
 
 # ---------------------------------------------------------------------------------------------- item 5
@@ -204,7 +205,8 @@ def test_wrong_layout_axis_order_or_grid_of_a_shard_is_an_error_not_a_wrong_answ
             "contiguous_to_attn2d": r"attention2d: q is a 'contiguous' shard .* needs the 'cyclic' layout",
             "contiguous_to_overlap": r"attention2d_overlap: q is a 'contiguous' shard .* needs the 'cyclic' layout",
             "cyclic_to_ring": r"ring_attention: q is a 'cyclic' shard .* needs the 'zigzag' layout",
-            "bhnd_with_heads": r"q has shape \(1, 2, 12, 8\) but heads=2: .* \(B, H, N/P, D\): pass q.transpose\(1, 2\)",
+            "bhnd_with_heads": (r"q has shape \(1, 2, 12, 8\) but heads=2: .* \(B, H, N/P, D\): "
+                                r"pass q.transpose\(1, 2\)"),
             "bhnd_ring_with_heads": r"ring_attention: q has shape \(1, 2, 12, 8\) but heads=2",
             "sharded_along_dim2": r"q was sharded along dim 2, but the sequence must be dim 1",
             "other_grid": r"q was sharded for rank \d of grid 2x1, but this call runs on rank \d of grid 1x2",

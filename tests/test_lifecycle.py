@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 
 from attn2d import records
-from attn2d.slurm import job_name, main as slurm_main
+from attn2d.slurm import job_name
+from attn2d.slurm import main as slurm_main
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_CELL = REPO / "workflow" / "scripts" / "run_cell.py"

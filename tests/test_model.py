@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from attn2d import bench
-from attn2d.config import compose, gpt_config
+from attn2d.config import compose
 from attn2d.model import GPT, GPTConfig, apply_rotary, rotary_tables, shard_loss_sum
 
 TINY = GPTConfig(n_layer=2, d_model=64, n_head=4, vocab_size=256)
@@ -35,7 +35,7 @@ def masked_attention(pos):
                                           ("gpt3_6p7b", 6.7e9), ("gpt3_13b", 13e9)])
 def test_gpt3_configs_have_their_sizes(name, nominal):
     cfg = compose([f"model={name}"])
-    mcfg = gpt_config(cfg.model)
+    mcfg = GPTConfig.from_mapping(cfg.model)
     with torch.device("meta"):
         model = GPT(mcfg, sdpa())
     L, d, da, V = mcfg.n_layer, mcfg.d_model, mcfg.d_attn, mcfg.vocab_size
@@ -47,7 +47,7 @@ def test_gpt3_configs_have_their_sizes(name, nominal):
 
 
 def test_gpt3_13b_uses_heads_of_128_not_dividing_d_model():
-    mcfg = gpt_config(compose(["model=gpt3_13b"]).model)
+    mcfg = GPTConfig.from_mapping(compose(["model=gpt3_13b"]).model)
     assert (mcfg.d_model, mcfg.n_head, mcfg.d_head, mcfg.d_attn) == (5140, 40, 128, 5120)
     with pytest.raises(ValueError, match=r"d_model 5140 is not divisible by n_head 40.*head_dim"):
         GPTConfig(n_layer=1, d_model=5140, n_head=40, vocab_size=8).check()

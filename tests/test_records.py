@@ -2,9 +2,11 @@
 import json
 
 import pytest
+import torch
 
 from attn2d import records
 from attn2d.bench import max_over_ranks
+from attn2d.config import compose
 from attn2d.records import RecordError, RecordWriter, read_record
 
 CELL = {"experiment": "t", "model": "tiny", "attention": "attn2d", "rows": 2, "cols": 2, "world_size": 4,
@@ -15,7 +17,8 @@ HEADER = {"cell": CELL, "config": {"model": {"name": "tiny"}}, "versions": {"tor
 
 def step(i, **kw):
     comm = max_over_ranks([{"bytes_sent": 10 * r, "bytes_received": 10 * r, "messages": r,
-                            "by_op": {"q_row_all_gather": {"bytes_sent": 10 * r, "bytes_received": 10 * r, "messages": r}}}
+                            "by_op": {"q_row_all_gather": {"bytes_sent": 10 * r, "bytes_received": 10 * r,
+                                                           "messages": r}}}
                            for r in range(4)])
     return {"step": i, "step_time_s": 0.5, "tokens_per_s": 128.0, "tflops_per_gpu": 0.001, "mfu": None,
             "max_mem_gib": 0.3, "loss": 5.5, **comm, **kw}
@@ -76,10 +79,12 @@ def _lines(tmp_path):
     (lambda ls: [ls[1]] + ls[:1] + ls[2:], r"line 1 must be the header"),
     (lambda ls: ls[:-1], r"has no end line"),
     (lambda ls: ls + [ls[1]], r"line 4 comes after the end line"),
-    (lambda ls: [ls[0], json.dumps({**json.loads(ls[1]), "step_time_s": -1.0}), *ls[2:]], r"line 2 \(step\): step_time_s"),
+    (lambda ls: [ls[0], json.dumps({**json.loads(ls[1]), "step_time_s": -1.0}), *ls[2:]],
+     r"line 2 \(step\): step_time_s"),
     (lambda ls: [ls[0], json.dumps({k: v for k, v in json.loads(ls[1]).items() if k != "comm_messages"}), *ls[2:]],
      r"line 2 \(step\).*'comm_messages' is a required property"),
-    (lambda ls: [json.dumps({**json.loads(ls[0]), "cell": {**CELL, "rows": "2"}}), *ls[1:]], r"line 1 \(header\): cell/rows"),
+    (lambda ls: [json.dumps({**json.loads(ls[0]), "cell": {**CELL, "rows": "2"}}), *ls[1:]],
+     r"line 1 \(header\): cell/rows"),
     (lambda ls: [*ls[:-1], json.dumps({**json.loads(ls[-1]), "status": "done"})], r"line 3 \(end\): status"),
     (lambda ls: [ls[0], ls[-1]], r"status ok but no step lines"),
     (lambda ls: [ls[0], ls[1], ls[1], ls[-1]], r"step 1 does not follow step 1"),
@@ -108,3 +113,24 @@ def test_non_finite_numbers_are_rejected_with_file_and_line(tmp_path, constant):
     with pytest.raises(RecordError, match=str(tmp_path / records.METRICS).replace(".", r"\.")
                        + f": line 3 holds the non-finite number {constant}"):
         read_record(tmp_path)
+
+
+def test_cell_holds_the_schemas_fields_in_its_order():
+    """records.cell is the one definition of a header's cell: the schema's fields, in its order, every required
+    one given (null where unknown), the optional grid option where the caller knows it."""
+    c = records.cell(**dict(reversed(CELL.items())), grid="2x2")
+    assert list(c) == [k for k in records.CELL_FIELDS if k in c] and c["grid"] == "2x2"
+    assert list(records.cell(**CELL)) == list(records.CELL_REQUIRED) == list(CELL)
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['gpus'\]"):
+        records.cell(**CELL, gpus=4)
+    with pytest.raises(ValueError, match=r"missing field\(s\) \['rows'\]"):
+        records.cell(**{k: v for k, v in CELL.items() if k != "rows"})
+
+
+def test_the_header_of_a_composed_config_is_a_valid_header_line():
+    h = records.header(compose(["model=tiny", "grid=2x2"]), 4, torch.device("cpu"), None, records.now_iso(),
+                       ranks=[{"host": "a", "device": "cpu: X"}] * 2 + [{"host": "b", "device": "cpu: X"}] * 2)
+    assert records.validate_line({"kind": "header", **h}) is None
+    assert h["cell"] == {**h["cell"], "model": "tiny", "rows": 2, "cols": 2, "world_size": 4, "nodes": 2,
+                         "gpus_per_node": 0, "device": "cpu"}
+    assert h["hosts"] == ["a", "a", "b", "b"] and h["devices"] == ["cpu: X"] * 4

@@ -117,7 +117,8 @@ def test_cell_through_snakemake_profile_slurm(slurm_cluster, tmp_path):
     assert f"Slurm job {job_id} ({name}) submitted" in log.read_text() and f"{job_id}_0_log.err" in log.read_text()
 
     cfg = compose(["experiment=local_speedup", *sweep.split(), "benchmark.steps=2", "benchmark.progress=false",
-                   "hydra/launcher=slurm_cpu", f"hydra.sweep.dir='{work}/runs/local_speedup/{cell}'", "hydra.sweep.subdir=."],
+                   "hydra/launcher=slurm_cpu", f"hydra.sweep.dir='{work}/runs/local_speedup/{cell}'",
+                   "hydra.sweep.subdir=."],
                   return_hydra_config=True)
     params = launcher_params(cfg)
     assert submitted[0].read_text() == sbatch_script(params)
@@ -210,7 +211,8 @@ def _running_job(run_dir: Path):
         job_id = json.loads((run_dir / "job.json").read_text())["job_id"]
     except (OSError, ValueError, KeyError):
         return None
-    if (run_dir / "metrics.jsonl.partial").exists() and _sh("squeue", "-h", "-j", job_id, "-o", "%T").strip() == "RUNNING":
+    running = _sh("squeue", "-h", "-j", job_id, "-o", "%T").strip() == "RUNNING"
+    if (run_dir / "metrics.jsonl.partial").exists() and running:
         return job_id
     return None
 

@@ -16,17 +16,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from omegaconf import OmegaConf
 
 from attn2d import records
 from attn2d.attention import ATTENTION, AttentionImpl, layout, register
-from omegaconf import OmegaConf
-
 from attn2d.config import ConfigError, compose, validate
 from attn2d.distributed import ProcessGrid, comm, count_comm
-from attn2d.testing import run_distributed
 from attn2d.distributed.fsdp_counter import fsdp_counting_supported
-from attn2d.train import (SequenceParallel, build_model, fsdp_comm, fsdp_units, full_parameters, make_optimizer,
-                          synthetic_batch, train_step)
+from attn2d.distributed.parallelize import fsdp_units, grad_sync_ops
+from attn2d.testing import run_distributed
+from attn2d.train import SequenceParallel, build_model, full_parameters, make_optimizer, synthetic_batch, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -145,7 +144,7 @@ def distributed_results():
     return run_distributed(4, _cases_worker, cases, timeout_s=240)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference(model_ov: tuple, bench_ov: tuple):
     """The single-process reference: attention 'local', no torch.distributed at all. Returns (loss, params, init)."""
     ref_bench = [o for o in bench_ov if "fsdp" not in o and "checkpointing" not in o]
@@ -168,7 +167,8 @@ def test_sequence_parallel_step_matches_one_process(case, distributed_results):
         assert loss == pytest.approx(ref_loss, rel=tol["rtol"] * 10), f"rank {rank}: step-0 loss"
         assert params.keys() == ref_params.keys()
         for name, want in ref_params.items():
-            torch.testing.assert_close(params[name], want, **tol, msg=lambda m: f"rank {rank} {name}: {m}")
+            torch.testing.assert_close(params[name], want, **tol,
+                                       msg=lambda m, rank=rank, name=name: f"rank {rank} {name}: {m}")
     # the step moved the parameters far beyond the tolerance, so the comparison above means something
     moved = max((ref_params[n] - p).abs().max().item() for n, p in init.items())
     assert moved > 1e-3
@@ -189,14 +189,17 @@ def test_gradient_all_reduce_is_counted(distributed_results):
 
 def test_fsdp_collectives_are_counted_and_match_the_analytic_volume(distributed_results):
     """FSDP2's own all-gathers and reduce-scatters are counted (fsdp_counter) and equal, byte for byte, the
-    analytic per-unit volume of attn2d.train.fsdp_comm (fp32, 4 ranks; tiny's parameter counts divide by 4, so
-    FSDP adds no padding): blocks gathered in forward and again in backward, the root once, one reduce-scatter
-    of every unit's gradients."""
+    analytic per-unit volume of attn2d.distributed.parallelize.grad_sync_ops (fp32, 4 ranks; tiny's parameter
+    counts divide by 4, so FSDP adds no padding): blocks gathered in forward and again in backward, the root once,
+    one reduce-scatter of every unit's gradients. Its units are those of the model train.py builds."""
     assert fsdp_counting_supported()
     settings = _settings("local", 1, 1, [], [], 1)
-    units = fsdp_units(build_model(settings, SequenceParallel("local"), torch.device("cpu")))
-    want = {op: {"bytes_sent": sent, "bytes_received": recv, "messages": msgs}
-            for op, sent, recv, msgs in fsdp_comm(units, 4, 4, 4)}
+    model = build_model(settings, SequenceParallel("local"), torch.device("cpu"))
+    blocks = [sum(p.numel() for p in blk.parameters()) for blk in model.blocks]
+    root = model.num_params(non_embedding=False) - sum(blocks)
+    assert fsdp_units(model.cfg) == [(n, 2) for n in blocks] + [(root, 1)]
+    want = {op.name: {"bytes_sent": op.bytes_sent, "bytes_received": op.bytes_received, "messages": op.messages}
+            for op in grad_sync_ops(model.cfg, 4, fsdp=True, grad_bytes=4, param_bytes=4)}
     for res in distributed_results:
         by_op = res["gather_cyclic_2x2_fsdp_ckpt"][2]["by_op"]
         assert {k: v for k, v in by_op.items() if k.startswith("fsdp_")} == want
@@ -339,7 +342,8 @@ def test_validation_errors_name_the_values():
     msg = _errors(["attention=attn2d", "grid=2x2"], world_size=8)
     assert "grid 2x2 needs 4 ranks, but the world has 8; grids that fit 8 ranks: 1x8, 2x4, 4x2, 8x1" in msg
     msg = _errors(["attention=attn2d", "grid=2x2", "benchmark.seq_len=50"], world_size=4)
-    assert "benchmark.seq_len 50 cannot be split over the 4 ranks of grid 2x2" in msg and "multiple of 4 (nearest: 48 or 52)" in msg
+    assert "benchmark.seq_len 50 cannot be split over the 4 ranks of grid 2x2" in msg
+    assert "multiple of 4 (nearest: 48 or 52)" in msg
     msg = _errors(["attention=local", "grid=2x2", "+attention.name_zz=1"], world_size=4)  # every problem at once
     assert "attention: unknown key(s) name_zz" in msg
     msg = _errors(["attention=local", "grid=2x2"], world_size=4)
@@ -355,7 +359,8 @@ def test_validation_errors_name_the_values():
 def test_zigzag_layout_needs_two_chunks_per_rank():
     cfg = compose(["grid=1x4", "benchmark.seq_len=36"])
     cfg.attention.name = "test_gather_zigzag"
-    with pytest.raises(ConfigError, match=r"seq_len 36 .* zigzag layout \(2 chunks per rank\): it must be a multiple of 8 \(nearest: 32 or 40\)"):
+    with pytest.raises(ConfigError, match=r"seq_len 36 .* zigzag layout \(2 chunks per rank\): "
+                                          r"it must be a multiple of 8 \(nearest: 32 or 40\)"):
         validate(cfg, world_size=4)
     cfg.benchmark.seq_len = 40
     validate(cfg, world_size=4)

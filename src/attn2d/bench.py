@@ -15,7 +15,7 @@ attention kernels' own recomputation in the backward are not counted. Per GPU: t
 ranks share every sequence). MFU = achieved TFLOP/s per GPU / peak TFLOP/s per GPU (`benchmark.peak_tflops`; None
 gives mfu None).
 
-Timing: on CUDA, torch.cuda.Event pairs around the step after a barrier (not run on a GPU here); on CPU,
+Timing: on CUDA, torch.cuda.Event pairs around the step after a barrier; on CPU,
 barrier + perf_counter + barrier. A step's time is the maximum over ranks.
 """
 from __future__ import annotations
@@ -60,9 +60,9 @@ class StepTimer:
         self.cuda = device.type == "cuda"
         self.elapsed_s = float("nan")
 
-    def __enter__(self) -> "StepTimer":
+    def __enter__(self) -> StepTimer:
         _barrier()
-        if self.cuda:  # not run on a GPU here
+        if self.cuda:
             torch.cuda.reset_peak_memory_stats()
             self._start, self._end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             self._start.record()

@@ -6,8 +6,9 @@ when composed with the hydra node), the sequence against the attention's token l
 model. All problems are collected and raised together as one ConfigError whose lines name the values involved and
 what would be right.
 
-The launcher configs' resolvers (${attn2d.world:R,C}, ${attn2d.slurm_nodes:R,C,G}, ...) live in attn2d.slurm; this
-module imports it, so composing through `compose()` or `python -m attn2d.train` registers them first.
+The model group is validated against attn2d.model.GPTConfig (the one model dataclass) as an OmegaConf structured
+schema. The launcher configs' resolvers (${attn2d.world:R,C}, ${attn2d.slurm_nodes:R,C,G}, ...) are attn2d.slurm's,
+registered when it is imported (this module imports it for the launcher's world size).
 """
 from __future__ import annotations
 
@@ -16,19 +17,23 @@ import datetime
 import functools
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-import attn2d.slurm  # noqa: F401 - registers the launcher resolvers before any composition
+from attn2d.attention import ATTENTION
+from attn2d.attention.layout import CHUNKS_PER_RANK
+from attn2d.attention.registry import distributed_names
 from attn2d.distributed.grid import GridError, check_timeout
+from attn2d.distributed.placement import rank_nodes
 from attn2d.dtypes import TRAIN_DTYPES
 from attn2d.model import GPTConfig
+from attn2d.slurm import launcher_world_size
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the repository's conf/ (package installed editable)
-
 
 
 class ConfigError(ValueError):
@@ -72,22 +77,6 @@ def timeout_s_of(cfg: DictConfig) -> float:
 
 # ---------------------------------------------------------------------------------------------- group schemas
 @dataclass
-class ModelConf:
-    name: str
-    n_layer: int
-    d_model: int
-    n_head: int
-    vocab_size: int
-    head_dim: Optional[int] = None  # null: d_model // n_head
-    n_kv_head: Optional[int] = None  # k/v heads (grouped-query attention, must divide n_head); null: n_head
-    mlp_ratio: int = 4
-    positions: str = "rotary"  # rotary | learned
-    max_seq_len: Optional[int] = None  # learned positions: table size (null: benchmark.seq_len)
-    rope_base: float = 10000.0
-    init_std: float = 0.02
-
-
-@dataclass
 class AttentionConf:
     name: str  # attn2d.attention registry key
     causal: bool = True
@@ -115,12 +104,19 @@ class BenchmarkConf:
     fsdp: bool = False  # FSDP2 (fully_shard) over the sequence-parallel ranks
     activation_checkpointing: bool = False
     timeout_s: float = 300.0  # every collective; a dead rank ends the job instead of hanging it
-    peak_tflops: Optional[float] = None  # per GPU, for MFU; null -> mfu null
+    peak_tflops: float | None = None  # per GPU, for MFU; null -> mfu null
     progress: bool = True  # progress bar on rank 0
-    cpu_threads: int = 1  # torch threads per rank on CPU (0: the host's cores / its ranks); tiny CPU runs are fastest on 1
+    cpu_threads: int = 1  # torch threads per rank on CPU (0: the host's cores / its ranks); tiny runs: fastest on 1
 
 
-GROUPS = {"model": ModelConf, "attention": AttentionConf, "grid": GridConf, "benchmark": BenchmarkConf}
+GROUPS = {"model": GPTConfig, "attention": AttentionConf, "grid": GridConf, "benchmark": BenchmarkConf}
+# each group's keys and those it must give: its schema's fields (required: those without a default); the model
+# group's name comes first and is required, and activation_checkpointing is benchmark.activation_checkpointing's
+KEYS = {s: tuple(f.name for f in dataclasses.fields(c)) for s, c in GROUPS.items()}
+REQUIRED = {s: tuple(f.name for f in dataclasses.fields(c) if f.default is dataclasses.MISSING)
+            for s, c in GROUPS.items()}
+KEYS["model"] = ("name", *(k for k in KEYS["model"] if k not in ("name", "activation_checkpointing")))
+REQUIRED["model"] = ("name", *REQUIRED["model"])
 # top-level keys besides the groups: hardware (cost-model profile, free-form), experiment (free-form metadata of
 # an experiment file), hydra (present when composed with return_hydra_config=True)
 TOP_LEVEL = set(GROUPS) | {"experiment_name", "run_dir", "hardware", "experiment", "hydra", "emulation"}
@@ -128,17 +124,17 @@ DEVICES = ("cpu", "cuda", "auto")
 OPTIMIZERS = ("adamw", "sgd")
 
 
-def _check_keys(section: str, node: Any, schema: type, errors: list[str]) -> Any:
-    """Unknown and missing keys, then types (through OmegaConf's structured merge). Returns a filled `schema` instance, or None."""
+def _check_keys(section: str, node: Any, errors: list[str]) -> Any:
+    """Unknown and missing keys, then types (through OmegaConf's structured merge). Returns a filled instance of
+    the group's schema, or None."""
+    schema = GROUPS[section]
     if not isinstance(node, DictConfig):
         errors.append(f"{section}: expected a mapping (a config group), got {type(node).__name__}")
         return None
-    fields = {f.name: f for f in dataclasses.fields(schema)}
-    unknown = sorted(set(node.keys()) - set(fields))
-    required = [n for n, f in fields.items() if f.default is dataclasses.MISSING]
-    missing = [n for n in required if n not in node]
+    unknown = sorted(set(node.keys()) - set(KEYS[section]))
+    missing = [n for n in REQUIRED[section] if n not in node]
     if unknown:
-        errors.append(f"{section}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(fields)}")
+        errors.append(f"{section}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(KEYS[section])}")
     if missing:
         errors.append(f"{section}: missing required key(s) {', '.join(missing)}")
     if unknown or missing:
@@ -152,40 +148,38 @@ def _check_keys(section: str, node: Any, schema: type, errors: list[str]) -> Any
         return None
 
 
-def launcher_world_size(cfg: DictConfig) -> int | None:
-    """Ranks the launcher will start (hydra.launcher.tasks_per_node * nodes), if the config says."""
-    launcher = OmegaConf.select(cfg, "hydra.launcher", default=None)
-    if launcher is None or "tasks_per_node" not in launcher:
-        return None
-    return int(launcher.tasks_per_node) * int(launcher.get("nodes", 1) or 1)
-
-
 @dataclass
 class Settings:
     """The validated groups, typed and with every default filled in (what train.py reads)."""
 
-    model: ModelConf
+    model: GPTConfig
     attention: AttentionConf
     grid: GridConf
     benchmark: BenchmarkConf
 
+    def gpt(self) -> GPTConfig:
+        """The model a run builds: the model group with benchmark.activation_checkpointing."""
+        return run_model(self.model, self.benchmark.seq_len, self.benchmark.activation_checkpointing)
+
+
+def run_model(model: GPTConfig, seq_len: int | None, activation_checkpointing: bool = False) -> GPTConfig:
+    """`model` for a run over seq_len tokens: learned positions without max_seq_len get a table of seq_len."""
+    return dataclasses.replace(model, max_seq_len=model.max_seq_len or seq_len,
+                               activation_checkpointing=activation_checkpointing)
+
 
 def validate(cfg: DictConfig, world_size: int | None = None) -> Settings:
     """Raise ConfigError listing every problem of a composed config (see the module docstring); return Settings."""
-    from attn2d.attention import ATTENTION  # the registry (importing it registers the built-in algorithms)
-    from attn2d.attention.layout import CHUNKS_PER_RANK
-    from attn2d.attention.registry import distributed_names
-
     errors: list[str] = []
     unknown = sorted(set(cfg.keys()) - TOP_LEVEL)
     if unknown:
         errors.append(f"unknown top-level key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(TOP_LEVEL))}")
     typed = {}
-    for section, schema in GROUPS.items():
+    for section in GROUPS:
         if section not in cfg:
             errors.append(f"missing config group '{section}' (pick one, e.g. {section}=...)")
             continue
-        typed[section] = _check_keys(section, cfg[section], schema, errors)
+        typed[section] = _check_keys(section, cfg[section], errors)
     m, a, g, b = (typed.get(s) for s in ("model", "attention", "grid", "benchmark"))
 
     if b is not None:
@@ -214,8 +208,6 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> Settings:
         if g.rows < 1 or g.cols < 1:
             errors.append(f"grid {g.rows}x{g.cols} must have rows >= 1 and cols >= 1")
         elif isinstance(g.placement, str) or isinstance(g.placement, (list, tuple)):
-            from attn2d.distributed.placement import rank_nodes
-
             try:
                 rank_nodes(g.rows, g.cols, P, g.placement)
             except (ValueError, TypeError) as e:
@@ -250,7 +242,7 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> Settings:
 
     if m is not None:
         try:
-            gpt_config(m, seq_len=b.seq_len if b is not None else None).check()
+            run_model(m, b.seq_len if b is not None else None).check()
         except ValueError as e:
             errors.append(f"model {m.name}: {e}")
         if m.positions == "learned" and b is not None and m.max_seq_len is not None and m.max_seq_len < b.seq_len:
@@ -265,19 +257,6 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> Settings:
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
     return Settings(m, a, g, b)
-
-
-def gpt_config(model: Any, seq_len: int | None = None, activation_checkpointing: bool = False) -> GPTConfig:
-    """The model group (ModelConf, DictConfig or mapping) as a GPTConfig; learned positions default to seq_len."""
-    m = dataclasses.asdict(model) if dataclasses.is_dataclass(model) else dict(model)
-    return GPTConfig(
-        n_layer=int(m["n_layer"]), d_model=int(m["d_model"]), n_head=int(m["n_head"]), vocab_size=int(m["vocab_size"]),
-        head_dim=None if m.get("head_dim") is None else int(m["head_dim"]), mlp_ratio=int(m.get("mlp_ratio", 4)),
-        n_kv_head=None if m.get("n_kv_head") is None else int(m["n_kv_head"]),
-        positions=str(m.get("positions", "rotary")), max_seq_len=m.get("max_seq_len") or seq_len,
-        rope_base=float(m.get("rope_base", 10000.0)), init_std=float(m.get("init_std", 0.02)),
-        activation_checkpointing=activation_checkpointing,
-    )
 
 
 def compose(overrides: Sequence[str] = (), return_hydra_config: bool = False, config_name: str = "config") -> DictConfig:

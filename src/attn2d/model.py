@@ -17,8 +17,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import zlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -45,7 +45,7 @@ class GPTConfig:
     name: str = ""  # the conf/model option it came from ("gpt3_760m"); labels only
 
     @classmethod
-    def from_mapping(cls, m, **overrides) -> "GPTConfig":
+    def from_mapping(cls, m, **overrides) -> GPTConfig:
         """A conf/model group (DictConfig, dataclass or mapping; unknown keys ignored, null = default) -> GPTConfig.
         `overrides` win over the mapping (e.g. max_seq_len=seq_len, activation_checkpointing=True)."""
         if dataclasses.is_dataclass(m):
@@ -76,12 +76,16 @@ class GPTConfig:
     def kv_heads(self) -> int:
         return self.n_kv_head if self.n_kv_head is not None else self.n_head
 
-    def n_params(self) -> int:
-        """Parameters of GPT(self) (tied embeddings counted once), by construction of its modules."""
+    def block_params(self) -> int:
+        """Parameters of one Block, by construction of its modules."""
         d, a, f = self.d_model, self.d_attn, self.mlp_ratio * self.d_model
         qkv = a + 2 * self.kv_heads * self.d_head  # output width of the fused q, k, v projection
-        block = (d * qkv + qkv) + (a * d + d) + (d * f + f) + (f * d + d) + 2 * 2 * d  # qkv, proj, mlp, 2 LN
-        return self.n_layer * block + self.vocab_size * d + self._position_params() + 2 * d  # + token table, ln_f
+        return (d * qkv + qkv) + (a * d + d) + (d * f + f) + (f * d + d) + 2 * 2 * d  # qkv, proj, mlp, 2 LN
+
+    def n_params(self) -> int:
+        """Parameters of GPT(self) (tied embeddings counted once), by construction of its modules."""
+        d = self.d_model
+        return self.n_layer * self.block_params() + self.vocab_size * d + self._position_params() + 2 * d  # + ln_f
 
     def matmul_params(self) -> int:
         """Parameters that take part in a matmul per token (all but the position table; lm_head counts)."""

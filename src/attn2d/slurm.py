@@ -2,7 +2,8 @@
 and the sbatch script it would submit.
 
 conf/hydra/launcher/*.yaml derive a job's shape from the grid with three resolvers, registered when this module
-is imported (attn2d.config imports it, so `python -m attn2d.train` and `attn2d.config.compose` have them):
+is imported (attn2d.config imports it, so `python -m attn2d.train` and `attn2d.config.compose` have them, and so
+does the attn2d launcher plugin):
 
     ${attn2d.world:R,C}                      R*C ranks
     ${attn2d.slurm_nodes:R,C,G}              nodes for R*C ranks at G GPUs (= tasks) per node
@@ -10,8 +11,6 @@ is imported (attn2d.config imports it, so `python -m attn2d.train` and `attn2d.c
     ${attn2d.job_name:EXP,ATT,R,C,N,MODEL}   the job's name: a2d:<exp>:<attention>:<R>x<C>:<N>:<model>
 
 so `hydra.launcher.gpus_per_node=8` on the command line reshapes every job, and `squeue` names every cell.
-`job_header()` is the `job` key of a record's header: where the run ran (launcher, scheduler, job id and name,
-partition, account, nodes, requeues, the resolved launcher settings).
 
 `make_executor` configures submitit exactly as hydra-submitit-launcher 1.2.0 does (the launchers in
 src/hydra_plugins/attn2d_launcher use it for every job shape). `sbatch_script(params)` renders the batch script
@@ -20,15 +19,17 @@ tasks, GPUs and partition of every paper experiment with it.
 """
 from __future__ import annotations
 
-import os
+import argparse
 import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
 from unittest import mock
 
-from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+import submitit
 from omegaconf import DictConfig, OmegaConf
+
+from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 
 _BASE_KEYS = frozenset(OmegaConf.structured(BaseQueueConf).keys())  # submitit's generic parameter names
 _INIT_KEYS = frozenset({"max_num_timeout"})  # given to the executor's constructor, not update_parameters
@@ -100,49 +101,18 @@ def launcher_params(cfg: DictConfig) -> dict[str, Any]:
     return params
 
 
-def job_header() -> dict[str, Any] | None:
-    """The `job` key of a record header, for the process it runs in: {launcher, scheduler, job_id, job_name,
-    partition, account, nodelist, requeue_count, launcher_params}, null where a field does not apply (a local job
-    has no partition); None for a run no launcher started (plain python, torchrun)."""
-    launcher, params = None, None
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        if HydraConfig.initialized():
-            hc = HydraConfig.get()
-            launcher = hc.runtime.choices.get("hydra/launcher")
-            params = OmegaConf.to_container(hc.launcher, resolve=True)
-            params.pop("_target_", None)
-    except Exception:  # noqa: BLE001 - provenance must never stop a run
-        pass
-    try:
-        import submitit
-
-        env = submitit.JobEnvironment()
-        scheduler, job_id = env.cluster, str(env.job_id)
-    except (ImportError, RuntimeError):
+def launcher_world_size(cfg: DictConfig) -> int | None:
+    """Ranks the launcher will start (hydra.launcher.tasks_per_node * nodes), if the config says."""
+    launcher = OmegaConf.select(cfg, "hydra.launcher", default=None)
+    if launcher is None or "tasks_per_node" not in launcher:
         return None
-    slurm = scheduler == "slurm"
-
-    def var(name):
-        return os.environ.get(name) if slurm else None
-
-    return {
-        "launcher": launcher, "scheduler": scheduler, "job_id": job_id,
-        "job_name": var("SLURM_JOB_NAME") if slurm else (params or {}).get("name"),
-        "partition": var("SLURM_JOB_PARTITION"), "account": var("SLURM_JOB_ACCOUNT"),
-        "nodelist": var("SLURM_JOB_NODELIST"),
-        "requeue_count": int(os.environ.get("SLURM_RESTART_COUNT", 0)) if slurm else None,
-        "launcher_params": params,
-    }
+    return int(launcher.tasks_per_node) * int(launcher.get("nodes", 1) or 1)
 
 
 def make_executor(cluster: str, params: dict[str, Any]):
     """A submitit executor for `cluster` ("slurm" | "local") configured as hydra-submitit-launcher 1.2.0's
     `launch` configures it: max_num_timeout at construction, BaseQueueConf keys as generic submitit parameters,
     every other key prefixed with the cluster name."""
-    import submitit
-
     init = {f"{cluster}_{k}": v for k, v in params.items() if k in _INIT_KEYS}
     executor = submitit.AutoExecutor(folder=params["submitit_folder"], cluster=cluster, **init)
     rest = {k: v for k, v in params.items() if k not in _INIT_KEYS | {"submitit_folder"}}
@@ -156,8 +126,6 @@ def sbatch_script(params: dict[str, Any], folder: str | Path | None = None) -> s
     """The sbatch script submitit would submit for one job of a Slurm launcher with `params` (its
     `submitit_folder`, unless `folder` is given). No Slurm needed: submitit's check that `srun` exists is bypassed,
     since nothing is submitted."""
-    import submitit
-
     folder = str(folder if folder is not None else params["submitit_folder"])
     with mock.patch.object(submitit.SlurmExecutor, "affinity", return_value=2):
         inner = make_executor("slurm", {**params, "submitit_folder": folder})._executor
@@ -177,13 +145,17 @@ def sbatch_flags(script: str) -> dict[str, str]:
     return flags
 
 
+def _key(override: str) -> str:
+    """The key an override sets: `+a.b=1` -> `a.b`."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 def main(argv: list[str] | None = None) -> int:
     """python -m attn2d.slurm [--script] EXPERIMENT [OVERRIDE ...]: the sbatch flags (or whole script) of the job
     of every grid in the experiment's sweep, then the jobs by shape, e.g. `python -m attn2d.slurm a100_speedup
     hydra.launcher.account=x`. An override of a swept key (`grid=4x4`, `attention=ring,attn2d`) replaces its values;
     exit status 1 if a grid cannot be placed on the launcher's nodes."""
-    import argparse
-
+    # the CLI sits above composition and the planner, both of which import this module (for its resolvers)
     from attn2d.config import compose
     from attn2d.report.cells import sweep_points, sweeper_params
 
@@ -193,13 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     swept = sweeper_params(compose([f"experiment={args.experiment}"], return_hydra_config=True))
-    key = lambda o: o.split("=", 1)[0].lstrip("+~")  # noqa: E731
-    sweep = [o for o in args.overrides if key(o) in swept]
-    fixed = [o for o in args.overrides if key(o) not in swept]
+    sweep = [o for o in args.overrides if _key(o) in swept]
+    fixed = [o for o in args.overrides if _key(o) not in swept]
     if "grid" not in swept:  # a fixed grid= is the only grid
-        grid_ovr = [o for o in fixed if key(o) == "grid"]
+        grid_ovr = [o for o in fixed if _key(o) == "grid"]
         swept["grid"] = grid_ovr[-1].split("=", 1)[1] if grid_ovr else None
-        fixed = [o for o in fixed if key(o) != "grid"]
+        fixed = [o for o in fixed if _key(o) != "grid"]
     if swept["grid"] is None:
         swept["grid"] = str(compose([f"experiment={args.experiment}", *fixed],
                                     return_hydra_config=True).hydra.runtime.choices["grid"])

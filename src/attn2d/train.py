@@ -12,41 +12,32 @@ Sequence parallelism (every rank of the grid holds the same model and a shard of
 - optional activation checkpointing (per block) and bf16 autocast (fp32 parameters and gradients).
 
 The same `train_step` runs under torchrun, under submitit (attn2d.distributed.init_distributed exports the
-environment) and as plain python (world size 1); tests call it through attn2d.testing.run_distributed.
-CUDA paths (NCCL, bf16 autocast on GPU, device-event timing) are written from the documented APIs and were not run
-on a GPU here.
+environment) and as plain python (world size 1); tests call it through attn2d.testing.run_distributed. The
+gradient synchronisation is attn2d.distributed.parallelize's, what a record says (provenance included)
+attn2d.records'.
 """
 from __future__ import annotations
 
-import contextlib
-import importlib.metadata
 import os
-import platform
-import socket
-import subprocess
 import sys
-from pathlib import Path
-from typing import Callable
+import traceback
 
 import hydra
+import submitit
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
 
 from attn2d import bench, records
 from attn2d.attention import get_attention, layout
 from attn2d.attention.checks import RankMismatchError, check_heads
-from attn2d.config import ConfigError, Settings, gpt_config, timeout_s_of, validate
-from attn2d.distributed import GridError, ProcessGrid, comm, count_comm, destroy_distributed, init_distributed
-from attn2d.distributed import health
-from attn2d.distributed.wire import check_node, read_wire, wire_delta
+from attn2d.config import ConfigError, Settings, timeout_s_of, validate
+from attn2d.distributed import GridError, ProcessGrid, count_comm, destroy_distributed, health, init_distributed
 from attn2d.distributed.health import CollectiveError
-from attn2d.distributed.parallelize import GRAD_BUCKET_BYTES
-from attn2d.dtypes import acc_dtype, itemsize
-from attn2d.distributed.fsdp_counter import counting_fsdp, fsdp_counting_supported
+from attn2d.distributed.parallelize import fsdp_sharder, synced_gradients, uncounted_fsdp_ops
+from attn2d.distributed.wire import check_node, read_wire, wire_delta
 from attn2d.model import GPT, shard_loss_sum
-from attn2d.slurm import job_header
-
 
 
 # ---------------------------------------------------------------------------------------------- sequence parallelism
@@ -58,10 +49,6 @@ class SequenceParallel:
     def __init__(self, attention: str, causal: bool = True, grid: ProcessGrid | None = None, heads: int | None = None):
         self.impl, self.causal, self.grid, self.heads = get_attention(attention), causal, grid, heads
         self._pos: dict = {}
-
-    @property
-    def size(self) -> int:
-        return self.grid.size if self.grid is not None else 1
 
     @property
     def group(self):
@@ -88,7 +75,8 @@ class SequenceParallel:
         return self.impl.fn(q, k, v, grid=self.grid, causal=self.causal)
 
 
-def synthetic_batch(step: int, batch_size: int, seq_len: int, vocab_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def synthetic_batch(step: int, batch_size: int, seq_len: int, vocab_size: int,
+                    seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Seeded synthetic tokens (B, N) and next-token targets (B, N), identical on every rank.
 
     Each sequence is an arithmetic progression x0 + stride * t (mod vocab) with 10% of tokens replaced by random ones:
@@ -103,35 +91,7 @@ def synthetic_batch(step: int, batch_size: int, seq_len: int, vocab_size: int, s
     return seq[:, :-1].contiguous(), seq[:, 1:].contiguous()  # (B, N) each
 
 
-# ---------------------------------------------------------------------------------------------- model, FSDP, optimizer
-def fsdp_sharder(device: torch.device, dtype: str) -> Callable[..., None]:
-    """FSDP2 over all ranks (= the sequence-parallel group): `shard(block)` for each block, then `shard(model,
-    root=True)`. Shards parameters, gradients and optimizer state.
-
-    Gradients are reduce-scattered as a SUM (divide factor 1, sum-only collectives) because each rank's loss is
-    already its share of the global mean. bf16 runs gather bf16 parameters and reduce in fp32. Blocks are
-    resharded after the forward (gathered again in the backward), the root is not."""
-    from torch.distributed.device_mesh import DeviceMesh
-    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-
-    # the world group itself (its timeout, benchmark.timeout_s): init_device_mesh makes a new group with torch's
-    # default timeout where a CUDA host runs gloo
-    mesh = DeviceMesh.from_group(dist.group.WORLD, device.type)
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if dtype == "bfloat16" else None,
-                              reduce_dtype=None if dtype == "float64" else torch.float32)
-
-    def shard(module: torch.nn.Module, root: bool = False) -> None:
-        fully_shard(module, mesh=mesh, mp_policy=mp, reshard_after_forward=not root)
-        if root:
-            for m in module.modules():
-                if isinstance(m, FSDPModule):
-                    m.set_gradient_divide_factor(1.0)
-                    if hasattr(m, "set_force_sum_reduction_for_comms"):  # torch >= 2.8; gloo has no PREMUL_SUM
-                        m.set_force_sum_reduction_for_comms(True)
-
-    return shard
-
-
+# ---------------------------------------------------------------------------------------------- model, optimizer
 def build_model(settings: Settings, sp: SequenceParallel, device: torch.device) -> GPT:
     """The GPT on `device`, with the same initial values on every rank and with or without FSDP.
 
@@ -139,9 +99,8 @@ def build_model(settings: Settings, sp: SequenceParallel, device: torch.device) 
     with `benchmark.fsdp` each block is sharded right away, so the full fp32 model never exists on one device
     (GPT-3 13B: 52 GB). float64 runs get float64 parameters."""
     b = settings.benchmark
-    mcfg = gpt_config(settings.model, seq_len=b.seq_len, activation_checkpointing=b.activation_checkpointing)
     with torch.device("meta"):
-        model = GPT(mcfg, sp.attention)
+        model = GPT(settings.gpt(), sp.attention)
     if b.dtype == "float64":
         model = model.double()
     shard = fsdp_sharder(device, b.dtype) if b.fsdp else None
@@ -161,27 +120,6 @@ def build_model(settings: Settings, sp: SequenceParallel, device: torch.device) 
     return model
 
 
-def fsdp_units(model: GPT) -> list[tuple[int, int]]:
-    """(parameter count, all-gathers per step) of each FSDP unit: every block is gathered in the forward and again
-    in the backward (reshard_after_forward), the root (embeddings, final LayerNorm) once."""
-    blocks = [sum(p.numel() for p in blk.parameters()) for blk in model.blocks]
-    return [(n, 2) for n in blocks] + [(model.num_params(non_embedding=False) - sum(blocks), 1)]
-
-
-def fsdp_comm(units: list[tuple[int, int]], world: int, param_bytes: int, grad_bytes: int) -> list[tuple]:
-    """Analytic FSDP traffic of one step per rank: op, sent, received, messages for the parameter all-gathers and
-    the gradient reduce-scatters (without FSDP's padding of shards to a multiple of the world size). Records
-    count FSDP's real collectives (attn2d.distributed.fsdp_counter); this is the fallback where that cannot
-    hook into torch, and the tests' independent check of what is counted."""
-    if world == 1:
-        return []
-    g = world
-    gather = sum(n * times for n, times in units) * param_bytes * (g - 1) // g
-    scatter = sum(n for n, _ in units) * grad_bytes * (g - 1) // g
-    return [("fsdp_param_all_gather", gather, gather, sum(t for _, t in units) * (g - 1)),
-            ("fsdp_grad_reduce_scatter", scatter, scatter, len(units) * (g - 1))]
-
-
 def make_optimizer(model: GPT, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     if name == "sgd":
         return torch.optim.SGD(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -189,30 +127,6 @@ def make_optimizer(model: GPT, name: str, lr: float, weight_decay: float) -> tor
 
 
 # ---------------------------------------------------------------------------------------------- one training step
-def reduce_gradients(model: torch.nn.Module, group) -> None:
-    """Sum every parameter gradient over the sequence-parallel group, in buckets (counted as "grad_all_reduce")."""
-    if comm.group_size(group) == 1:
-        return
-    params = list(model.parameters())
-    for p in params:
-        if p.grad is None:  # every rank must reduce the same buffers
-            p.grad = torch.zeros_like(p)
-    buckets: list[list[torch.Tensor]] = []
-    size = 0
-    for p in params:
-        nbytes = p.grad.numel() * p.grad.element_size()
-        if not buckets or size + nbytes > GRAD_BUCKET_BYTES or buckets[-1][0].dtype != p.grad.dtype:
-            buckets.append([])
-            size = 0
-        buckets[-1].append(p.grad)
-        size += nbytes
-    for bucket in buckets:
-        flat = torch.cat([g.reshape(-1) for g in bucket])  # (sum numel,)
-        comm.all_reduce(flat, group, op="grad_all_reduce")
-        for g, part in zip(bucket, flat.split([g.numel() for g in bucket])):
-            g.copy_(part.view_as(g))
-
-
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sp: SequenceParallel, idx: torch.Tensor,
                targets: torch.Tensor, *, autocast_dtype: torch.dtype | None = None, fsdp: bool = False) -> torch.Tensor:
     """One optimizer step on the full batch idx, targets (B, N) (same on every rank; each rank uses its shard).
@@ -221,14 +135,12 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sp: Seq
     idx_p, tgt_p = sp.shard(idx), sp.shard(targets)  # (B, N/P) each
     pos = sp.positions(idx.shape[1], idx.device)  # (N/P,)
     optimizer.zero_grad(set_to_none=True)
-    with counting_fsdp() if fsdp else contextlib.nullcontext():  # FSDP2's collectives counted like the attention's
+    with synced_gradients(model, sp.group, fsdp):  # afterwards each gradient is the sum over the ranks
         with torch.autocast(idx.device.type, dtype=autocast_dtype or torch.bfloat16,
                             enabled=autocast_dtype is not None):
             logits = model(idx_p, pos)  # (B, N/P, vocab)
             loss = shard_loss_sum(logits, tgt_p) / idx.numel()  # this rank's share of the global mean
         loss.backward()
-    if not fsdp:  # FSDP2 reduce-scatters the gradients inside backward
-        reduce_gradients(model, sp.group)
     optimizer.step()
     return loss.detach()
 
@@ -242,7 +154,7 @@ def full_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-# ---------------------------------------------------------------------------------------------- run records
+# ---------------------------------------------------------------------------------------------- ranks
 def _gather(obj) -> list:
     """Every rank's `obj`, in rank order (not counted: bookkeeping, outside the timed step)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
@@ -252,81 +164,14 @@ def _gather(obj) -> list:
     return out
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device) if torch.cuda.is_available() else "cuda (not available)"
-    return "cpu: " + records.cpu_model()
-
-
-def versions() -> dict[str, str | None]:
-    out = {"python": platform.python_version(), "torch_cuda": torch.version.cuda}
-    for pkg in ("torch", "attn2d", "hydra-core", "omegaconf", "submitit", "hydra-submitit-launcher", "flash-attn"):
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            out[pkg] = None
-    if torch.cuda.is_available():
-        out["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
-    return out
-
-
-def git_rev() -> str | None:
-    """HEAD of the repository holding this package, '+dirty' when the tree has changes; None outside git."""
-    repo = Path(__file__).resolve().parents[2]
-    try:
-        rev = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        if rev.returncode:
-            return None
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return rev.stdout.strip() + ("+dirty" if dirty else "")
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-
-
-def _container(cfg: DictConfig) -> dict:
-    try:
-        return OmegaConf.to_container(cfg, resolve=True)
-    except Exception:  # noqa: BLE001 - an unresolvable key: keep the interpolation text
-        return OmegaConf.to_container(cfg, resolve=False)
-
-
-def _cell(cfg: DictConfig, world_size: int | None, hosts: list[str], device: torch.device) -> dict:
-    def sel(key):
-        try:
-            return OmegaConf.select(cfg, key, default=None)
-        except Exception:  # noqa: BLE001
-            return None
-
-    nodes = len(set(hosts)) or None
-    return {
-        "experiment": sel("experiment_name"), "model": sel("model.name"), "attention": sel("attention.name"),
-        "rows": sel("grid.rows"), "cols": sel("grid.cols"), "world_size": world_size, "nodes": nodes,
-        "gpus_per_node": world_size // nodes if device.type == "cuda" and nodes and world_size else 0,
-        "seq_len": sel("benchmark.seq_len"), "batch_size": sel("benchmark.batch_size"),
-        "dtype": sel("benchmark.dtype"), "device": device.type,
-    }
-
-
-def _fallback_header(cfg: DictConfig, world_size: int | None, dev: torch.device, launcher: str | None, started: str,
-                     with_git: bool = True) -> dict:
-    """The header a run that fails before it knows every rank writes (this host only)."""
-    host = socket.gethostname()
-    return {"cell": _cell(cfg, world_size, [host], dev), "config": _container(cfg), "versions": versions(),
-            "hosts": [host], "devices": [device_name(dev)], "git_rev": git_rev() if with_git else None,
-            "started_at": started, "launcher": launcher, "job": job_header()}
-
-
 def _guess_rank() -> int:
     """This process's rank before torch.distributed is up (torchrun, srun, submitit), else 0."""
     for key in ("RANK", "SLURM_PROCID"):
         if key in os.environ:
             return int(os.environ[key])
     try:
-        import submitit
-
         return submitit.JobEnvironment().global_rank
-    except (ImportError, RuntimeError):
+    except RuntimeError:  # not a submitit job
         return 0
 
 
@@ -350,12 +195,12 @@ def run(cfg: DictConfig) -> dict:
     except BaseException as e:  # no process group: the rank that is probably 0 records the failure
         if _guess_rank() == 0:
             asked = str(OmegaConf.select(cfg, "benchmark.device", default="cpu"))
-            header = _fallback_header(cfg, None, torch.device("cuda" if asked == "cuda" else "cpu"), None, started)
+            header = records.header(cfg, None, torch.device("cuda" if asked == "cuda" else "cpu"), None, started)
             records.RecordWriter(cfg.run_dir, fallback_header=header).end("failed", f"{type(e).__name__}: {e}"[:4000])
         raise
     rank0 = info.rank == 0
     dev = info.device
-    fallback = _fallback_header(cfg, info.world_size, dev, info.launcher, started, with_git=rank0)
+    fallback = records.header(cfg, info.world_size, dev, info.launcher, started, with_git=rank0)
     writer = records.RecordWriter(cfg.run_dir, enabled=rank0, fallback_header=fallback)
     bar = None
     try:
@@ -370,25 +215,19 @@ def run(cfg: DictConfig) -> dict:
             if len(set(checksums)) != 1:
                 raise RuntimeError(f"ranks initialised different parameters (checksums {checksums})")
         n_dense, n_total = model.num_params(non_embedding=True), model.num_params(non_embedding=False)
-        units = fsdp_units(model)
         optimizer = make_optimizer(model, b.optimizer, b.lr, b.weight_decay)
         autocast = torch.bfloat16 if b.dtype == "bfloat16" else None
-        pbytes = itemsize(b.dtype)
-        fsdp_ops = []  # analytic FSDP traffic, only where this torch's FSDP collectives cannot be counted
-        if b.fsdp and not fsdp_counting_supported():
-            fsdp_ops = fsdp_comm(units, info.world_size, pbytes, acc_dtype(b.dtype).itemsize)
+        fsdp_ops = uncounted_fsdp_ops(model.cfg, info.world_size, b.dtype) if b.fsdp else []
         flops = bench.flops_per_step(model.cfg, n_dense, b.batch_size, b.seq_len, s.attention.causal)
 
-        everyone = _gather({"host": socket.gethostname(), "device": device_name(dev)})
-        hosts = [e["host"] for e in everyone]
+        everyone = _gather(records.rank_info(dev))
         if dev.type == "cpu":  # ranks sharing a host share its cores; 0: divide them evenly
-            torch.set_num_threads(b.cpu_threads or max(1, len(os.sched_getaffinity(0)) // hosts.count(socket.gethostname())))
-        writer.write_config(OmegaConf.to_yaml(_container(cfg)))
-        writer.header({**fallback, "cell": _cell(cfg, info.world_size, hosts, dev), "hosts": hosts,
-                       "devices": [e["device"] for e in everyone], "params_non_embedding": n_dense,
-                       "params_total": n_total, "flops_per_step": flops["total"]})
-
-        from tqdm import tqdm
+            sharing = [r["host"] for r in everyone].count(everyone[info.rank]["host"])
+            torch.set_num_threads(b.cpu_threads or max(1, len(os.sched_getaffinity(0)) // sharing))
+        writer.write_config(OmegaConf.to_yaml(records.resolved_config(cfg)))
+        writer.header({**records.header(cfg, info.world_size, dev, info.launcher, started, ranks=everyone,
+                                        with_git=rank0),
+                       "params_non_embedding": n_dense, "params_total": n_total, "flops_per_step": flops["total"]})
 
         cell = f"{s.model.name} {s.attention.name} {s.grid.rows}x{s.grid.cols} N={b.seq_len}"
         bar = tqdm(total=b.warmup_steps + b.steps, desc=cell, disable=not (rank0 and b.progress), file=sys.stderr,
@@ -404,7 +243,7 @@ def run(cfg: DictConfig) -> dict:
             if step < b.warmup_steps:
                 continue
             for op in fsdp_ops:
-                stats.add(*op)
+                stats.add(op.name, op.bytes_sent, op.bytes_received, op.messages)
             per_rank = _gather({"time": timer.elapsed_s, "loss": float(loss), "mem": bench.max_mem_gib(dev),
                                 "comm": stats.as_dict(), "wire": wire})
             step_time = max(r["time"] for r in per_rank)
@@ -441,11 +280,9 @@ SAME_ON_EVERY_RANK = (ConfigError, GridError, RankMismatchError)
 
 def _under_submitit() -> bool:
     try:
-        import submitit
-
         submitit.JobEnvironment()
         return True
-    except (ImportError, RuntimeError):
+    except RuntimeError:  # not a submitit job
         return False
 
 
@@ -454,8 +291,6 @@ def report_failure(e: BaseException, rank: int) -> bool:
     traceback). The other ranks stay quiet for SAME_ON_EVERY_RANK and for a CollectiveError (rank 0 has its own),
     unless it says rank 0 may be the one that died; an error of their own (a bug, out of memory) they report,
     since the others only see them stop answering. Returns whether this rank printed."""
-    import traceback
-
     if rank != 0:
         if isinstance(e, SAME_ON_EVERY_RANK):
             return False

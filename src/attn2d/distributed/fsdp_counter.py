@@ -7,15 +7,15 @@ gradient reduce-scatters bypass attn2d.distributed.comm. In torch 2.13 every one
 proxy that records each call (op names below, comm's conventions: an all-gather or reduce-scatter over g ranks
 of a b-byte shard sends and receives (g-1) b bytes in g-1 messages; an all-reduce of b bytes 2 (g-1) b / g in
 2 (g-1)) and forwards it unchanged. Where this torch lays FSDP out differently, `fsdp_counting_supported()` is
-False and the caller falls back to the analytic volume (attn2d.train.fsdp_comm).
+False and the caller falls back to the analytic volume (attn2d.distributed.parallelize.uncounted_fsdp_ops).
 """
 from __future__ import annotations
 
 import functools
 import importlib
 import inspect
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch.distributed as dist
 
@@ -54,7 +54,7 @@ class _CountingDist:
         return _counted(name) if name in _COUNTED else getattr(dist, name)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _counted(name: str):
     """dist.<name>, recording its traffic first (built once per name, not per call)."""
     real = getattr(dist, name)

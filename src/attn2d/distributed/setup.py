@@ -10,6 +10,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import submitit
 import torch
 import torch.distributed as dist
 
@@ -36,10 +37,8 @@ def _submitit_env() -> str | None:
     (a random port once failed here with EADDRINUSE, and the other ranks then waited for the collective timeout).
     torch's FileStore deletes the file when every rank has closed it."""
     try:
-        import submitit
-
         env = submitit.JobEnvironment()
-    except (ImportError, RuntimeError):
+    except RuntimeError:  # not a submitit job
         return None
     if env.num_tasks <= 1:
         return None
@@ -51,7 +50,8 @@ def _submitit_env() -> str | None:
     return "env://"
 
 
-def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S, device: str = "auto") -> DistInfo:
+def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+                     device: str = "auto") -> DistInfo:
     """Initialise (once) the default process group and pick this rank's device.
 
     device: "auto" (cuda:local_rank if CUDA is available, else cpu), "cpu" or "cuda"."""

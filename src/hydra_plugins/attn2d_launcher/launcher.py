@@ -19,16 +19,19 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
+import submitit
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, filter_overrides
-from hydra_plugins.hydra_submitit_launcher import submitit_launcher as _plugin
+from submitit.slurm.slurm import SlurmInfoWatcher
 
 from attn2d.lifecycle import write_job_file
 from attn2d.records import now_iso
 from attn2d.slurm import launcher_params, make_executor
+from hydra_plugins.hydra_submitit_launcher import submitit_launcher as _plugin
 
 log = logging.getLogger(__name__)
 WATCH_DELAY_S = 30  # longest wait between two sacct polls of a job (submitit: 600)
@@ -37,9 +40,6 @@ WATCH_DELAY_S = 30  # longest wait between two sacct polls of a job (submitit: 6
 def fast_slurm_watcher() -> None:
     """Poll Slurm for every job at least every WATCH_DELAY_S: submitit's shared watcher waits up to 10 minutes
     between two sacct calls late in a job, so a job that died without a result went unnoticed that long."""
-    import submitit
-    from submitit.slurm.slurm import SlurmInfoWatcher
-
     if getattr(submitit.SlurmJob.watcher, "_delay_s", 0) > WATCH_DELAY_S:
         submitit.SlurmJob.watcher = SlurmInfoWatcher(delay_s=WATCH_DELAY_S)
 
