@@ -1,5 +1,5 @@
 """Tests of the swept unknowns of the cost model: placement, the Ring baselines, the breakdown, and the inverse
-search (attn2d.costmodel_inverse) on a synthetic profile whose answer is known."""
+search (attn2d.costmodel.inverse) on a synthetic profile whose answer is known."""
 from dataclasses import replace
 
 import pytest

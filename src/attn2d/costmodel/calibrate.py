@@ -34,6 +34,7 @@ import json
 import os
 import socket
 import statistics
+import textwrap
 import time
 from pathlib import Path
 
@@ -228,7 +229,8 @@ def allocation_profile(m: dict, name: str, gpn: int) -> tuple[HardwareProfile, l
 
 def dump_profile(prof: HardwareProfile, notes: list[str]) -> str:
     """The profile as YAML (OmegaConf.to_yaml of the HardwareProfile) under its commented sources."""
-    return "".join(f"# {line}\n" for line in notes) + OmegaConf.to_yaml(OmegaConf.structured(prof))
+    header = [w for line in notes for w in textwrap.wrap(line, 116, initial_indent="# ", subsequent_indent="#   ")]
+    return "\n".join(header) + "\n" + OmegaConf.to_yaml(OmegaConf.structured(prof))
 
 
 def calibrate_allocation(args) -> None:
