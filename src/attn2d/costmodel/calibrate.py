@@ -154,7 +154,6 @@ def local_profile(m: dict, name: str) -> tuple[HardwareProfile, list[str]]:
                         if len(m["worlds"]) > 1 else {}))
     prof = HardwareProfile(name=name, source=src, gpus_per_node=1024, peak_tflops=None, compute=compute,
                            network=network, overlap=OverlapConf(round(o["efficiency"], 3)))
-    err = lambda f: f"{f['median_rel_err']:.0%}"  # noqa: E731  a format used on every fit line below
     notes = [
         f"Cost-model profile of this machine: {m['machine']}, gloo over loopback.",
         f"Every number below, unless its line here says otherwise: {src}",
@@ -188,16 +187,20 @@ def local_profile(m: dict, name: str) -> tuple[HardwareProfile, list[str]]:
         f"over worlds ({', '.join(f'{x:.2f}' for x in m['shared_cores_raw'])}); threads_per_rank: torch threads "
         "per rank during the measurements.",
         "network.collective_base_latency_s: folded into the per-kind alphas.",
-        f"network.intra: point-to-point ring, {w0} ranks at once (fit median rel. err {err(fit0['p2p'])}).",
+        f"network.intra: point-to-point ring, {w0} ranks at once (fit median rel. err {_err(fit0['p2p'])}).",
         f"network.kinds: per op kind at {w0} ranks, t = call + steps*alpha + bytes_sent/bw over world and pair "
-        "groups, all ranks busy; median rel. err: " + ", ".join(f"{k} {err(fit0[k])}" for k in KINDS if k in fit0),
+        "groups, all ranks busy; median rel. err: " + ", ".join(f"{k} {_err(fit0[k])}" for k in KINDS if k in fit0),
         *(f"network.kinds_by_world.{w} (the cost model interpolates in P); median rel. err: "
-          + ", ".join(f"{k} {err(m['fits'][w][k])}" for k in KINDS if k in m["fits"][w])
+          + ", ".join(f"{k} {_err(m['fits'][w][k])}" for k in KINDS if k in m["fits"][w])
           for w in (m["worlds"] if len(m["worlds"]) > 1 else [])),
         f"overlap.efficiency: GEMMs beside an async ring transfer at {w0} ranks: compute {o['compute_s']:.4g} s, "
         f"comm {o['comm_s']:.4g} s, both {o['both_s']:.4g} s.",
     ]
     return prof, notes
+
+
+def _err(fit: dict) -> str:
+    return f"{fit['median_rel_err']:.0%}"
 
 
 def allocation_profile(m: dict, name: str, gpn: int) -> tuple[HardwareProfile, list[str]]:

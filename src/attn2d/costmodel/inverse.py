@@ -29,17 +29,15 @@ from dataclasses import dataclass, replace
 import numpy as np
 from scipy.optimize import brentq
 
+from attn2d.attention import ATTENTION
 from attn2d.costmodel.hardware import Hardware, Link
 from attn2d.costmodel.step import step_time
 from attn2d.costmodel.workload import Workload
 from attn2d.model import GPTConfig
 
-BASELINES = {  # name -> (cost-model algorithm, overlapped)
-    "ring": ("ring", True),
-    "ring_nooverlap": ("ring", False),
-    "ring_contiguous": ("ring_contiguous", True),
-    "ring_contiguous_nooverlap": ("ring_contiguous", False),
-}
+# name -> (algorithm, overlapped): every registered ring (ranks "ring"), with and without overlap
+BASELINES = {f"{name}{suffix}": (name, overlapped) for name, impl in ATTENTION.items() if impl.ranks == "ring"
+             for suffix, overlapped in (("", True), ("_nooverlap", False))}
 NIC_LAYOUTS = ("per_gpu", "shared")
 P2P_LEVELS = (1.0, 0.5, 0.25)  # point-to-point / collective inter-node bandwidth (an unknown; see Hardware)
 BW_RANGE_GBPS = (0.25, 4000.0)  # per NIC, achieved; the search range ("whatever the network")
