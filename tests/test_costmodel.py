@@ -4,8 +4,10 @@ Limits of the model: P = 1 equals local; the priced volumes are the algorithms' 
 counted on real gloo runs; ring's volume per device does not fall with P while Attention2D's falls as 1/sqrt(P);
 placement on nodes, causal halving and load balance follow from the documented formulas.
 """
+import importlib.util
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ from attn2d.attention import get_attention, layout
 from attn2d.costmodel import advise, fit
 from attn2d.distributed import ProcessGrid, count_comm
 from attn2d.distributed.comm import CommOp
-from attn2d.model import GPTConfig
+from attn2d.model import GPT, GPTConfig
 from attn2d.testing import run_distributed, synthetic_hardware
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -203,8 +205,6 @@ def test_pipeline_overlap():
 
 
 def test_model_params_match_the_real_model():
-    from attn2d.model import GPT, GPTConfig
-
     for kw in (dict(n_layer=2, d_model=64, n_head=4, vocab_size=256),
                dict(n_layer=3, d_model=40, n_head=2, vocab_size=100, head_dim=16),
                dict(n_layer=1, d_model=32, n_head=4, vocab_size=50, positions="learned", max_seq_len=96)):
@@ -281,8 +281,6 @@ def test_attention_fit_recovers_rate_overhead_skip_and_mask_rate():
 
 # ---------------------------------------------------------------------------------------------- projection table
 def test_projection_rows_and_speedups():
-    import importlib.util
-
     spec = importlib.util.spec_from_file_location("proj", ROOT / "workflow" / "scripts" / "costmodel_projection.py")
     proj = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(proj)
@@ -310,10 +308,6 @@ def test_projection_rows_and_speedups():
 def test_grouped_query_attention_scales_only_the_kv_traffic():
     """With n_kv_head = 1 of 8 heads Ring's volume (K/V only) falls 8x; Attention2D's Q and output traffic stays,
     so on a square grid it no longer beats Ring's bytes, while a tall (R x 1) grid, which moves only K/V, does."""
-    from dataclasses import replace
-
-    from attn2d.costmodel import advise
-
     mha = GPTConfig(n_layer=1, d_model=512, n_head=8, vocab_size=8)
     gqa = replace(mha, n_kv_head=1)
     wl = cm.Workload(seq_len=4096)

@@ -1,5 +1,3 @@
-import glob
-
 # The cost model (the package attn2d.costmodel): projection of the paper's cells, validation against the local sweep, the
 # grid advisor's example, and (on demand only) calibration of this machine's profile.
 #   results/tables/projection_paper.csv                    modelled step times of every A100 / H100 paper cell
@@ -14,6 +12,8 @@ import glob
 #   results/calibration/local_cpu.yaml                     `snakemake calibrate` only (never part of `all`);
 #                                                          copy it over conf/hardware/local_cpu.yaml to adopt it
 # model_outputs() lists the outputs that belong in `rule all`.
+
+import glob
 
 LOCAL_VALIDATION = ["local_speedup", "local_time_per_step"]  # the local sweeps whose records validate the model
 PAPER_EXPERIMENTS = ["a100_speedup", "a100_time_per_step", "h100_speedup"]

@@ -125,9 +125,10 @@ def to_markdown(df: pd.DataFrame, s: dict, skipped: list[str], hw_src: str) -> s
 
 
 def figure(df: pd.DataFrame, s: dict, out: Path) -> list[Path]:
-    import matplotlib.pyplot as plt
-
     from attn2d.report.figures import save_figure  # first: it selects the Agg backend (MPLBACKEND)
+
+    # isort: split
+    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.2, 4.6))
     markers = {"ring": "o", "ring_contiguous": "v", "attn2d": "s", "attn2d_overlap": "^", "local": "D"}
