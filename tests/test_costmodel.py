@@ -4,23 +4,26 @@ Limits of the model: P = 1 equals local; the priced volumes are the algorithms' 
 counted on real gloo runs; ring's volume per device does not fall with P while Attention2D's falls as 1/sqrt(P);
 placement on nodes, causal halving and load balance follow from the documented formulas.
 """
+import importlib.util
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from attn2d import advise, calibrate
 from attn2d import costmodel as cm
 from attn2d.attention import get_attention, layout
+from attn2d.costmodel import advise, fit
 from attn2d.distributed import ProcessGrid, count_comm
 from attn2d.distributed.comm import CommOp
+from attn2d.model import GPT, GPTConfig
 from attn2d.testing import run_distributed, synthetic_hardware
 
 ROOT = Path(__file__).resolve().parents[1]
 DISTRIBUTED = ["ring", "ring_contiguous", "attn2d", "attn2d_overlap"]
-GPT_2P7B = cm.ModelShape(n_layer=32, d_model=2560, n_head=32, vocab_size=50257, name="gpt3_2p7b")
+GPT_2P7B = GPTConfig(n_layer=32, d_model=2560, n_head=32, vocab_size=50257, name="gpt3_2p7b")
 
 
 def _hw(**kw) -> cm.Hardware:
@@ -111,7 +114,7 @@ def test_volume_formulas_equal_counted_bytes():
             assert got == want, f"{alg} {rows}x{cols} causal={causal} rank {rank}: counted {got} vs comm_ops {want}"
     # the cost model prices exactly these ops
     wl = cm.Workload(seq_len=48, batch_size=1, dtype="bf16")
-    shape = cm.ModelShape(n_layer=1, d_model=16, n_head=2, vocab_size=8)
+    shape = GPTConfig(n_layer=1, d_model=16, n_head=2, vocab_size=8)
     for alg in DISTRIBUTED:
         r, c = (4, 1) if alg.startswith("ring") else (2, 2)
         names = [o.name for o in cm.step_time(alg, shape, wl, r, c, _hw()).ops if o.phase in ("fwd", "bwd")]
@@ -162,7 +165,7 @@ def test_transpose_pair_crosses_nodes_only_off_the_node():
 # ---------------------------------------------------------------------------------------------- compute model
 def test_causal_halves_attention_work_and_cyclic_layout_balances_it():
     hw = _hw()
-    shape = cm.ModelShape(n_layer=1, d_model=1024, n_head=8, vocab_size=8)
+    shape = GPTConfig(n_layer=1, d_model=1024, n_head=8, vocab_size=8)
     causal = sum(cm.attention_step_times("attn2d", shape, cm.Workload(seq_len=1 << 14), 4, 4, hw, "fwd"))
     full = sum(cm.attention_step_times("attn2d", shape, cm.Workload(seq_len=1 << 14, causal=False), 4, 4, hw, "fwd"))
     assert causal / full == pytest.approx(0.5, abs=0.01)
@@ -173,7 +176,7 @@ def test_causal_halves_attention_work_and_cyclic_layout_balances_it():
 
 def test_ring_contiguous_is_imbalanced_zigzag_is_not():
     hw = _hw()
-    shape = cm.ModelShape(n_layer=1, d_model=512, n_head=8, vocab_size=8)
+    shape = GPTConfig(n_layer=1, d_model=512, n_head=8, vocab_size=8)
     wl = cm.Workload(seq_len=1 << 13)
     zig = sum(cm.attention_step_times("ring", shape, wl, 8, 1, hw, "fwd"))
     cont = sum(cm.attention_step_times("ring_contiguous", shape, wl, 8, 1, hw, "fwd"))
@@ -202,13 +205,11 @@ def test_pipeline_overlap():
 
 
 def test_model_params_match_the_real_model():
-    from attn2d.model import GPT, GPTConfig
-
     for kw in (dict(n_layer=2, d_model=64, n_head=4, vocab_size=256),
                dict(n_layer=3, d_model=40, n_head=2, vocab_size=100, head_dim=16),
                dict(n_layer=1, d_model=32, n_head=4, vocab_size=50, positions="learned", max_seq_len=96)):
         gpt = GPT(GPTConfig(**kw), lambda q, k, v: q)
-        assert cm.ModelShape(**kw).n_params() == gpt.num_params(non_embedding=False), kw
+        assert GPTConfig(**kw).n_params() == gpt.num_params(non_embedding=False), kw
 
 
 def test_fsdp_and_grad_all_reduce_volumes():
@@ -262,7 +263,7 @@ def test_advisor_lists_every_grid_and_picks_the_fastest(capsys):
 def test_alpha_beta_fit_recovers_known_link():
     alpha, bw = 2e-4, 3e8
     pts = [(s, b, s * alpha + b / bw) for s in (1, 3) for b in (1e3, 1e5, 1e6, 4e6)]
-    f = calibrate.fit_kind(pts)
+    f = fit.fit_kind(pts)
     assert f["alpha_s"] == pytest.approx(alpha, rel=1e-6) and f["bw_bytes_per_s"] == pytest.approx(bw, rel=1e-6)
 
 
@@ -273,15 +274,13 @@ def test_attention_fit_recovers_rate_overhead_skip_and_mask_rate():
                                       (1, 2e7, 0, 0)]:
         t = calls * over + (dense - skip * masked) * 4 / rate + mask * 4 / mrate
         pts.append((calls, dense, masked, mask, t))
-    f = calibrate.fit_attention(pts, 4.0)
+    f = fit.fit_attention(pts, 4.0)
     assert f["rate"] == pytest.approx(rate, rel=1e-6) and f["overhead_s"] == pytest.approx(over, rel=1e-6)
     assert f["causal_skip"] == pytest.approx(skip, rel=1e-6) and f["mask_rate"] == pytest.approx(mrate, rel=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------- projection table
 def test_projection_rows_and_speedups():
-    import importlib.util
-
     spec = importlib.util.spec_from_file_location("proj", ROOT / "workflow" / "scripts" / "costmodel_projection.py")
     proj = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(proj)
@@ -309,11 +308,7 @@ def test_projection_rows_and_speedups():
 def test_grouped_query_attention_scales_only_the_kv_traffic():
     """With n_kv_head = 1 of 8 heads Ring's volume (K/V only) falls 8x; Attention2D's Q and output traffic stays,
     so on a square grid it no longer beats Ring's bytes, while a tall (R x 1) grid, which moves only K/V, does."""
-    from dataclasses import replace
-
-    from attn2d import advise
-
-    mha = cm.ModelShape(n_layer=1, d_model=512, n_head=8, vocab_size=8)
+    mha = GPTConfig(n_layer=1, d_model=512, n_head=8, vocab_size=8)
     gqa = replace(mha, n_kv_head=1)
     wl = cm.Workload(seq_len=4096)
 

@@ -1,16 +1,17 @@
 """Tests of the swept unknowns of the cost model: placement, the Ring baselines, the breakdown, and the inverse
-search (attn2d.costmodel_inverse) on a synthetic profile whose answer is known."""
+search (attn2d.costmodel.inverse) on a synthetic profile whose answer is known."""
 from dataclasses import replace
 
 import pytest
 
-from attn2d import advise
 from attn2d import costmodel as cm
-from attn2d import costmodel_inverse as inv
+from attn2d.costmodel import advise
+from attn2d.costmodel import inverse as inv
 from attn2d.distributed.placement import describe, node_of, rank_nodes
+from attn2d.model import GPTConfig
 from attn2d.testing import synthetic_hardware
 
-SMALL = cm.ModelShape(n_layer=2, d_model=256, n_head=4, vocab_size=64, name="small")
+SMALL = GPTConfig(n_layer=2, d_model=256, n_head=4, vocab_size=64, name="small")
 
 
 def _hw(**kw) -> cm.Hardware:
@@ -175,6 +176,7 @@ def test_explicit_placement_list_prices_like_the_rule_it_spells_out():
     wl = cm.Workload(seq_len=4096)
     col = rank_nodes(4, 4, 4, "col")
     for op in cm.comm_ops_for("attn2d", SMALL, wl, 4, 4):
-        assert cm.price_op(op, 4, 4, _hw(placement=list(col))).time_s == cm.price_op(op, 4, 4, _hw(placement="col")).time_s
+        explicit, named = _hw(placement=list(col)), _hw(placement="col")
+        assert cm.price_op(op, 4, 4, explicit).time_s == cm.price_op(op, 4, 4, named).time_s
     with pytest.raises(ValueError, match="explicit placement has 15 entries, but the 4x4 grid has 16 ranks"):
         cm.price_op(cm.comm_ops_for("attn2d", SMALL, wl, 4, 4)[0], 4, 4, _hw(placement=col[:15]))

@@ -1,4 +1,4 @@
-# The cost model (attn2d.costmodel): projection of the paper's cells, validation against the local sweep, the
+# The cost model (the package attn2d.costmodel): projection of the paper's cells, validation against the local sweep, the
 # grid advisor's example, and (on demand only) calibration of this machine's profile.
 #   results/tables/projection_paper.csv                    modelled step times of every A100 / H100 paper cell
 #   results/tables/costmodel/sensitivity_paper.csv         modelled speedup at 64 GPUs vs the unknown network/kernel
@@ -8,13 +8,17 @@
 #   results/tables/costmodel/validation_local.csv|md       predicted vs measured, local CPU sweep (error stated)
 #   results/figures/costmodel/validation_local.png|pdf     the same as a figure
 #   results/tables/costmodel/validation_timeshare.csv|md   its error explained: per-call cost of time-shared ranks
-#   results/tables/costmodel/advise_example.txt            python -m attn2d.advise for 64 A100s, GPT-3 13B, 64K
+#   results/tables/costmodel/advise_example.txt            python -m attn2d.costmodel.advise: 64 A100s, GPT-3 13B, 64K
 #   results/calibration/local_cpu.yaml                     `snakemake calibrate` only (never part of `all`);
 #                                                          copy it over conf/hardware/local_cpu.yaml to adopt it
 # model_outputs() lists the outputs that belong in `rule all`.
 
+import glob
+
 LOCAL_VALIDATION = ["local_speedup", "local_time_per_step"]  # the local sweeps whose records validate the model
 PAPER_EXPERIMENTS = ["a100_speedup", "a100_time_per_step", "h100_speedup"]
+
+COSTMODEL_SRC = sorted(glob.glob("src/attn2d/costmodel/*.py"))  # a rule reruns when the model's code changes
 
 ruleorder: projection > table  # results/tables/projection_paper.csv is not an experiment's table
 
@@ -43,7 +47,7 @@ rule costmodel_inverse:
     input:
         profiles=["conf/hardware/a100_4gpn.yaml", "conf/hardware/h100_1gpn.yaml"],
         experiments=expand("conf/experiment/{e}.yaml", e=["a100_speedup", "h100_speedup"]),
-        model=["src/attn2d/costmodel.py", "src/attn2d/costmodel_inverse.py"],
+        model=COSTMODEL_SRC,
         script="workflow/scripts/costmodel_inverse.py",
     output:
         csv=report("results/tables/costmodel/paper_inverse.csv", caption="../report/table.rst", category="Tables",
@@ -59,7 +63,7 @@ rule projection:
     input:
         profiles=["conf/hardware/a100_4gpn.yaml", "conf/hardware/h100_1gpn.yaml"],
         experiments=expand("conf/experiment/{e}.yaml", e=PAPER_EXPERIMENTS),
-        model="src/attn2d/costmodel.py",
+        model=COSTMODEL_SRC,
         inverse="results/tables/costmodel/paper_inverse.csv",
         script="workflow/scripts/costmodel_projection.py",
     output:
@@ -82,7 +86,7 @@ rule costmodel_validation:
     input:
         records=get_validation_records,
         profile="conf/hardware/local_cpu.yaml",
-        model="src/attn2d/costmodel.py",
+        model=COSTMODEL_SRC,
         script="workflow/scripts/costmodel_validation.py",
     output:
         csv=report("results/tables/costmodel/validation_local.csv", caption="../report/table.rst",
@@ -105,7 +109,7 @@ rule costmodel_timeshare:
         validation="results/tables/costmodel/validation_local.csv",
         holdout=expand("results/benchmarks/timeshare_p6/{a}/metrics.jsonl", a=["attn2d", "ring", "attn2d_overlap"]),
         profile="conf/hardware/local_cpu.yaml",
-        model="src/attn2d/costmodel.py",
+        model=COSTMODEL_SRC,
         script="workflow/scripts/costmodel_timeshare.py",
     output:
         csv="results/tables/costmodel/validation_timeshare.csv",
@@ -126,7 +130,7 @@ rule advise_example:
     log:
         "results/logs/costmodel/advise_example.log",
     shell:
-        "{PYTHON:q} -m attn2d.advise gpus=64 gpus_per_node=4 model=gpt3_13b seq_len=65536 hardware=a100_4gpn"
+        "{PYTHON:q} -m attn2d.costmodel.advise gpus=64 gpus_per_node=4 model=gpt3_13b seq_len=65536 hardware=a100_4gpn"
         " fsdp=true activation_checkpointing=true > {output:q} 2> {log:q}"
 
 
@@ -137,7 +141,7 @@ rule calibrate:
     log:
         "results/logs/costmodel/calibrate.log",
     shell:
-        "{PYTHON:q} -m attn2d.calibrate --world 4 9 --out {output:q} > {log:q} 2>&1"
+        "{PYTHON:q} -m attn2d.costmodel.calibrate --world 4 9 --out {output:q} > {log:q} 2>&1"
 
 
 localrules:

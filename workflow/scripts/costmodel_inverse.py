@@ -2,7 +2,7 @@
 
     python workflow/scripts/costmodel_inverse.py --out results/tables/costmodel/paper_inverse.csv
 
-For every combination of the discrete unknowns (attn2d.costmodel_inverse.scenarios) and each cluster (A100: the
+For every combination of the discrete unknowns (attn2d.costmodel.inverse.scenarios) and each cluster (A100: the
 64-GPU cells of conf/experiment/a100_speedup.yaml, Attention2D-NO and -O; H100: h100_speedup.yaml, -NO), the
 interval of achieved inter-node bandwidth per NIC over which the modelled largest speedup prints as the paper's
 number ("5", "9.4"), or none. Writes the CSV (one row per cluster x scenario, and the rows `both` = the shared
@@ -18,10 +18,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
-from attn2d import costmodel_inverse as inv
-from attn2d.costmodel import load_hardware, load_model, repo_root, short_dtype
+from attn2d.attention import get_attention
+from attn2d.costmodel import inverse as inv
+from attn2d.costmodel import load_hardware, load_model, read_profile, repo_root
+from attn2d.costmodel.hardware import conf_path
+from attn2d.dtypes import short_name
 
 # What the abstract prints (paper-notes.md Sec. 0): the text of each number sets its rounding interval
 STATED = {"a100_4gpn": ("a100_speedup", 64, "5"), "h100_1gpn": ("h100_speedup", 64, "9.4")}
@@ -41,16 +43,15 @@ def paper_cells(conf: Path) -> dict:
     out = {}
     for hw, (exp, gpus, _) in STATED.items():
         cells = [c for c in proj.experiment_cells([exp], conf) if int(c["world_size"]) == gpus]
-        algs = tuple(sorted({c["attention"] for c in cells if not c["attention"].startswith("ring")}))
+        algs = tuple(sorted({c["attention"] for c in cells if get_attention(c["attention"]).ranks == "grid"}))
         keys = sorted({(c["model"], int(c["seq_len"]), int(c["rows"]), int(c["cols"]), int(c["batch_size"]),
                         c["dtype"]) for c in cells})
-        out[hw] = [inv.Cell(load_model(m), n, r, k, algs, b, short_dtype(d)) for m, n, r, k, b, d in keys]
+        out[hw] = [inv.Cell(load_model(m), n, r, k, algs, b, short_name(d)) for m, n, r, k, b, d in keys]
     return out
 
 
 def public_spec(hw: str) -> tuple[float, float]:
-    d = yaml.safe_load((repo_root() / "conf" / "hardware" / f"{hw}.yaml").read_text())
-    lo, hi = d["network"]["inter"]["public_nic_GBps"]
+    lo, hi = read_profile(conf_path("hardware", hw, "hardware profile")).network.inter.public_nic_GBps
     return float(lo), float(hi)
 
 
@@ -78,7 +79,8 @@ def run(conf: Path, n_scan: int = 17) -> tuple[pd.DataFrame, pd.DataFrame, dict]
             tag = hw_name.split("_")[0]
             base = load_hardware(hw_name)
             sc = inv.Scenario(**{k: t[k] for k in inv.SHARED}, placement=t[f"{tag}_placement"], nics=t[f"{tag}_nics"])
-            var = [replace(sc, kernel_x=k) for k in (0.5, 2.0)] + [replace(sc, overlap_efficiency=e) for e in (0.5, 1.0)]
+            var = ([replace(sc, kernel_x=k) for k in (0.5, 2.0)]
+                   + [replace(sc, overlap_efficiency=e) for e in (0.5, 1.0)])
             extra = inv.invert(base, inv.Target.stated(hw_name, exp, gpus, text), cells, var, n_scan=n_scan)
             rows += [{**r, "sweep": "sensitivity"} for r in extra]
     lo_hi = lambda r: spec[r["hardware"]]  # noqa: E731
@@ -99,7 +101,7 @@ def markdown(df_all: pd.DataFrame, both: pd.DataFrame, thresholds: dict) -> str:
     df = df_all[df_all.sweep == "grid"]
     sens = df_all[df_all.sweep == "sensitivity"]
     lines = ["# What the paper's numbers imply (modelled)", "",
-             "Modelled by attn2d.costmodel_inverse; fitted only to the two stated maxima ('up to 5x', 64 A100s on 16 "
+             "Modelled by attn2d.costmodel.inverse; fitted only to the two stated maxima ('up to 5x', 64 A100s on 16 "
              "nodes; 'up to 9.4x', 64 H100s on 64 nodes) and to public NIC specifications (conf/hardware/*.yaml "
              "`public_nic_GBps`, achieved GB/s per NIC). A stated number is reproduced when the modelled largest "
              "bar of its figure prints as it: 5x = [4.5, 5.5), 9.4x = [9.35, 9.45). Bandwidth searched: "
@@ -122,7 +124,8 @@ def markdown(df_all: pd.DataFrame, both: pd.DataFrame, thresholds: dict) -> str:
                          f"point streams (Ring's) get at most **{e:.2f}** of the collectives' inter-node bandwidth.")
     lines.append("")
     lines += ["## Per cluster, baseline and point-to-point efficiency: does any setting reproduce the stated maximum?",
-              "", "| cluster | baseline | p2p efficiency | settings reproducing / all | implied GB/s per NIC (hull of the intervals) "
+              "", "| cluster | baseline | p2p efficiency | settings reproducing / all | "
+              "implied GB/s per NIC (hull of the intervals) "
               "| inside public specs | modelled max, slow .. fast network |", "|---|---|---|---|---|---|---|"]
     for (hw, b, p), g in df.groupby(["hardware", "baseline", "p2p_efficiency"], sort=False):
         g = g.copy()
@@ -149,7 +152,8 @@ def markdown(df_all: pd.DataFrame, both: pd.DataFrame, thresholds: dict) -> str:
                   "setting", "", "| cluster | kernel rate x | overlap efficiency | implied GB/s per NIC |",
                   "|---|---|---|---|"]
         for r in sens.itertuples():
-            ov = "profile" if r.overlap_efficiency is None or pd.isna(r.overlap_efficiency) else f"{r.overlap_efficiency:g}"
+            ov = ("profile" if r.overlap_efficiency is None or pd.isna(r.overlap_efficiency)
+                  else f"{r.overlap_efficiency:g}")
             lines.append(f"| {r.hardware} | {r.kernel_x:g} | {ov} | {r.nic_GBps_intervals} |")
     return "\n".join(lines) + "\n"
 

@@ -16,11 +16,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
 
-from attn2d.costmodel import Workload, comm_ops_for, load_hardware, load_model, repo_root, ring_grid, short_dtype, step_time
+from attn2d.attention import get_attention
+from attn2d.costmodel import Link, Workload, comm_ops_for, load_hardware, load_model, read_profile, repo_root, step_time
+from attn2d.costmodel import inverse as inv
+from attn2d.costmodel.hardware import conf_path
+from attn2d.dtypes import short_name
+from attn2d.report.cells import compose, plan
 
 PAPER_EXPERIMENTS = ("a100_speedup", "a100_time_per_step", "h100_speedup")
 COLUMNS = ["hardware", "model", "gpus", "nodes", "grid", "seq_len", "algorithm", "step_time_s", "speedup_vs_ring"]
@@ -28,8 +34,6 @@ COLUMNS = ["hardware", "model", "gpus", "nodes", "grid", "seq_len", "algorithm",
 
 def experiment_cells(experiments, conf_dir: Path) -> list[dict]:
     """One dict per distinct cell: the cell's info plus its experiment's hardware profile and benchmark flags."""
-    from attn2d.report.cells import compose, plan
-
     p = plan(list(experiments), conf_dir=conf_dir, launcher="slurm")
     seen, out = set(), []
     for exp, cells in p.experiments.items():
@@ -49,16 +53,14 @@ def experiment_cells(experiments, conf_dir: Path) -> list[dict]:
 
 
 def _workload(c: dict) -> Workload:
-    dtype = short_dtype(c["dtype"])
+    dtype = short_name(c["dtype"])
     return Workload(seq_len=int(c["seq_len"]), batch_size=int(c["batch_size"]), dtype=dtype, causal=c["causal"],
                     fsdp=c["fsdp"], activation_checkpointing=c["activation_checkpointing"])
 
 
 def baseline_times(shape, wl: Workload, P: int, hw) -> dict:
-    """{baseline: step time} of every Ring variant the paper may have run (attn2d.costmodel_inverse.BASELINES)."""
-    from attn2d.costmodel_inverse import BASELINES
-
-    return {b: step_time(alg, shape, wl, P, 1, hw, overlap=ov).step_time_s for b, (alg, ov) in BASELINES.items()}
+    """{baseline: step time} of every Ring variant the paper may have run (attn2d.costmodel.inverse.BASELINES)."""
+    return {b: step_time(alg, shape, wl, P, 1, hw, overlap=ov).step_time_s for b, (alg, ov) in inv.BASELINES.items()}
 
 
 def project(cells: list[dict]) -> pd.DataFrame:
@@ -71,7 +73,7 @@ def project(cells: list[dict]) -> pd.DataFrame:
         wl = _workload(c)
         rows_, cols_ = int(c["rows"]), int(c["cols"])
         st = step_time(c["attention"], m, wl, rows_, cols_, hw)
-        r, k = (ring_grid(rows_ * cols_) if c["attention"].startswith("ring") else (rows_, cols_))
+        r, k = get_attention(c["attention"]).cost_grid(rows_, cols_)
         ops = comm_ops_for(c["attention"], m, wl, r, k)
         per_layer = {ph: sum(o.bytes_sent for o in ops if o.phase == ph) for ph in ("fwd", "bwd")}
         attn_bytes = m.n_layer * (per_layer["fwd"] * (2 if wl.activation_checkpointing else 1) + per_layer["bwd"])
@@ -104,8 +106,6 @@ def project(cells: list[dict]) -> pd.DataFrame:
 
 def reported(experiments, conf_dir: Path) -> list[dict]:
     """What the paper states per experiment (its `experiment.reported`), with the experiment's hardware."""
-    from attn2d.report.cells import compose
-
     out = []
     for exp in experiments:
         base = compose(conf_dir, exp)
@@ -120,22 +120,16 @@ def band(df: pd.DataFrame, inverse: pd.DataFrame) -> pd.DataFrame:
     """Add the speedup band over the region consistent with the paper's stated maxima (paper_inverse.csv, from
     workflow/scripts/costmodel_inverse.py): speedup_band_min / _max (over the region's samples, each against its
     own baseline variant) and speedup_plausible (the most plausible point), all modelled."""
-    from dataclasses import replace as dc_replace
-
-    import yaml
-
-    from attn2d import costmodel_inverse as inv
-
     samples = inv.region_samples(inverse)
     spec = {}
     for hw_name in sorted(df.hardware.unique()):
-        d = yaml.safe_load((repo_root() / "conf" / "hardware" / f"{hw_name}.yaml").read_text())
-        spec[hw_name] = tuple(float(x) for x in d["network"]["inter"]["public_nic_GBps"])
+        spec[hw_name] = tuple(read_profile(conf_path("hardware", hw_name, "hardware profile")).network.inter
+                              .public_nic_GBps)
     point = inv.plausible_point(inverse, spec)
     models, bases = {}, {}
     lo, hi, best = [], [], []
     for r in df.itertuples():
-        if r.algorithm.startswith("ring") or r.hardware not in samples:
+        if get_attention(r.algorithm).ranks == "ring" or r.hardware not in samples:
             lo.append(None), hi.append(None), best.append(None)
             continue
         m = models.setdefault(r.model, load_model(r.model))
@@ -143,10 +137,10 @@ def band(df: pd.DataFrame, inverse: pd.DataFrame) -> pd.DataFrame:
         base = bases.setdefault((r.hardware, gpn), load_hardware(r.hardware, gpus_per_node=gpn))
         rows_, cols_ = (int(x) for x in r.grid.split("x"))
         cell = inv.Cell(m, int(r.seq_len), rows_, cols_, (r.algorithm,), int(r.batch_size),
-                        short_dtype(r.dtype))
+                        short_name(r.dtype))
 
-        def speedup(sc, nic):
-            return inv.cell_speedups(inv.profile(base, sc, nic), sc, cell)[r.algorithm]
+        def speedup(sc, nic, base=base, cell=cell, alg=r.algorithm):
+            return inv.cell_speedups(inv.profile(base, sc, nic), sc, cell)[alg]
 
         vals = [speedup(sc, nic) for sc, nic in samples[r.hardware]]
         lo.append(min(vals)), hi.append(max(vals))
@@ -160,7 +154,7 @@ def band(df: pd.DataFrame, inverse: pd.DataFrame) -> pd.DataFrame:
 
 def draw(df: pd.DataFrame, out_dir: Path) -> list[Path]:
     """The paper-shaped figures from the projection, through attn2d.report.figures (labelled modelled)."""
-    from attn2d.report import figures as F
+    from attn2d.report import figures as F  # matplotlib: only when drawing
 
     paths: list[Path] = []
     for hw in sorted(df.hardware.unique()):
@@ -184,10 +178,6 @@ def sensitivity(models=("gpt3_2p7b",), seq_lens=(32768, 131072)) -> pd.DataFrame
     """How the modelled speedup of attn2d over ring at 64 GPUs depends on the two assumptions the paper does not
     give: the inter-node bandwidth per node (scaled from each profile's value) and the attention kernel rate; also
     against the contiguous (not load-balanced) ring, a weaker baseline the paper may have used (NOT FOUND)."""
-    from dataclasses import replace
-
-    from attn2d.costmodel import Link
-
     rows = []
     for hw_name in ("a100_4gpn", "h100_1gpn"):
         base = load_hardware(hw_name)
@@ -244,7 +234,7 @@ def main(argv=None) -> None:
         for p in draw(df, Path(a.figures)):
             print(f"wrote {p}")
     if a.band_figures:
-        from attn2d.report import figures as F
+        from attn2d.report import figures as F  # matplotlib: only when drawing
 
         out_dir = Path(a.band_figures)
         paths = []

@@ -7,13 +7,15 @@ Re-predicts every cell of the validation table (its measured step times are the 
 under the two models of the per-call synchronisation penalty of time-shared ranks (attn2d.costmodel.Hardware.
 sync_penalty): "measured" (the calibration's microbenchmark at each P, interpolated) and "oversubscription" (the
 smallest world's penalty scaled by P/C - 1: a call waits for every rank queued behind its core). Also the residual
-per communication call (measured - predicted under "measured") per world size, and (--holdout) records at a world size neither the sweep nor the calibration used. Writes a CSV
+per communication call (measured - predicted under "measured") per world size, and (--holdout) records at a world
+size neither the sweep nor the calibration used. Writes a CSV
 and a Markdown summary;
 predictions are modelled, step times measured.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -21,6 +23,9 @@ from pathlib import Path
 import pandas as pd
 
 from attn2d import costmodel as cm
+from attn2d.attention import get_attention
+from attn2d.dtypes import short_name
+from attn2d.records import read_record
 
 
 def repredict(val: pd.DataFrame, hardware: str) -> pd.DataFrame:
@@ -30,9 +35,9 @@ def repredict(val: pd.DataFrame, hardware: str) -> pd.DataFrame:
     for r in val.itertuples():
         m = models.setdefault(r.model, cm.load_model(r.model))
         R, C = (int(x) for x in r.grid.split("x"))
-        dtype = cm.short_dtype(r.dtype)
+        dtype = short_name(r.dtype)
         wl = cm.Workload(seq_len=int(r.seq_len), batch_size=int(r.batch_size), dtype=dtype)
-        rr, cc = (R * C, 1) if r.algorithm.startswith("ring") else (R, C)
+        rr, cc = get_attention(r.algorithm).cost_grid(R, C)
         calls = cm.comm_calls(cm.comm_ops_for(r.algorithm, m, wl, rr, cc)) * m.n_layer
         row = {"algorithm": r.algorithm, "grid": r.grid, "gpus": R * C, "seq_len": int(r.seq_len),
                "measured_s": r.measured_s, "attn_comm_calls_per_step": calls}
@@ -50,10 +55,6 @@ def repredict(val: pd.DataFrame, hardware: str) -> pd.DataFrame:
 
 def holdout(records, hardware: str) -> pd.DataFrame:
     """Records not in the validation sweep (another world size), predicted under both scalings (out of sample)."""
-    import importlib.util
-
-    from attn2d.records import read_record
-
     spec = importlib.util.spec_from_file_location("costmodel_validation",
                                                   Path(__file__).with_name("costmodel_validation.py"))
     val = importlib.util.module_from_spec(spec)
@@ -87,7 +88,8 @@ def markdown(df: pd.DataFrame, hardware: str, held: pd.DataFrame | None = None) 
               "('measured' scaling) | penalty per call: 'measured' | 'oversubscription' |", "|---|---|---|---|---|"]
     for P, g in df.groupby("gpus"):
         lines.append(f"| {P} | {P / hw.shared_cores:g} | {g.residual_per_call_ms.median():.2f} ms | "
-                     f"{g.sync_penalty_measured_ms.iloc[0]:.2f} ms | {g.sync_penalty_oversubscription_ms.iloc[0]:.2f} ms |")
+                     f"{g.sync_penalty_measured_ms.iloc[0]:.2f} ms | "
+                     f"{g.sync_penalty_oversubscription_ms.iloc[0]:.2f} ms |")
     by = df.groupby("gpus")
     res = by.residual_per_call_ms.median()
     meas, over = by.sync_penalty_measured_ms.first(), by.sync_penalty_oversubscription_ms.first()

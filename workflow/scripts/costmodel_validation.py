@@ -1,7 +1,8 @@
 """Validate the cost model on the local CPU sweep: predicted vs measured step time per cell, table and figure.
 
     python workflow/scripts/costmodel_validation.py --runs runs --experiments local_speedup local_time_per_step \
-        --hardware local_cpu --table results/tables/costmodel_validation.csv --figure results/figures/costmodel_validation
+        --hardware local_cpu --table results/tables/costmodel_validation.csv \
+        --figure results/figures/costmodel_validation
 
 Every complete record (runs/<experiment>/<cell>/metrics.jsonl, read with attn2d.records.read_record) of the named
 experiments with status ok is predicted with attn2d.costmodel.step_time from its own header (model config, grid,
@@ -20,8 +21,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from attn2d.costmodel import (Workload, comm_ops_for, grad_sync_ops, load_hardware, model_from_dict, ring_grid,
-                              step_time)
+from attn2d.attention import get_attention
+from attn2d.costmodel import Workload, comm_ops_for, grad_sync_ops, load_hardware, step_time
+from attn2d.model import GPTConfig
+from attn2d.records import RecordError, find_records, read_record
 
 TARGET = 0.20  # the issue's target: median absolute relative error under 20%
 
@@ -31,9 +34,9 @@ def predict_record(rec, hw) -> dict:
     c, cfg = rec.cell, rec.header.get("config") or {}
     b = cfg.get("benchmark") or {}
     mcfg = dict(cfg.get("model") or {})
-    shape = model_from_dict(mcfg, name=str(c.get("model")))
+    shape = GPTConfig.from_mapping(mcfg, name=str(c.get("model")))
     if shape.positions == "learned" and not shape.max_seq_len:
-        shape = model_from_dict({**mcfg, "max_seq_len": int(c["seq_len"])}, name=shape.name)
+        shape = GPTConfig.from_mapping(mcfg, name=shape.name, max_seq_len=int(c["seq_len"]))
     dtype = str(c.get("dtype") or b.get("dtype") or "float32")
     wl = Workload(seq_len=int(c["seq_len"]), batch_size=int(c["batch_size"]), dtype=dtype,
                   causal=bool((cfg.get("attention") or {}).get("causal", True)), fsdp=bool(b.get("fsdp", False)),
@@ -43,7 +46,7 @@ def predict_record(rec, hw) -> dict:
     st = step_time(alg, shape, wl, rows, cols, hw)
     times = [s["step_time_s"] for s in rec.steps]
     measured = statistics.median(times)
-    r, k = ring_grid(rows * cols) if alg.startswith("ring") else (rows, cols)
+    r, k = get_attention(alg).cost_grid(rows, cols)
     ops = comm_ops_for(alg, shape, wl, r, k)
     per = {ph: sum(o.bytes_sent for o in ops if o.phase == ph) for ph in ("fwd", "bwd")}
     attn_pred = shape.n_layer * (per["fwd"] * (2 if wl.activation_checkpointing else 1) + per["bwd"])
@@ -67,8 +70,6 @@ def predict_record(rec, hw) -> dict:
 
 
 def collect(runs: Path, experiments, hw) -> tuple[pd.DataFrame, list[str]]:
-    from attn2d.records import RecordError, find_records, read_record
-
     rows, skipped, seen = [], [], set()
     for exp in experiments:
         for path in find_records(runs / exp):
@@ -108,14 +109,16 @@ def to_markdown(df: pd.DataFrame, s: dict, skipped: list[str], hw_src: str) -> s
         f"{s['max_abs_rel_error']:.1%}; {s['within_20pct']}/{s['cells']} cells within 20%; median signed error "
         f"{s['median_signed_rel_error']:+.1%} (positive = the model predicts slower than measured).",
         "",
-        "| experiment | algorithm | grid | seq_len | measured s (min-max) | predicted s | error | attn bytes predicted / counted |",
+        "| experiment | algorithm | grid | seq_len | measured s (min-max) | predicted s | error "
+        "| attn bytes predicted / counted |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for _, r in df.iterrows():
         ab = (f"{r.attn_bytes_predicted:.0f} / {r.attn_bytes_counted:.0f}" if pd.notna(r.attn_bytes_counted)
               else f"{r.attn_bytes_predicted:.0f} / -")
         lines.append(f"| {r.experiment} | {r.algorithm} | {r.grid} | {r.seq_len} | {r.measured_s:.4f} "
-                     f"({r.measured_min_s:.4f}-{r.measured_max_s:.4f}) | {r.predicted_s:.4f} | {r.rel_error:+.1%} | {ab} |")
+                     f"({r.measured_min_s:.4f}-{r.measured_max_s:.4f}) | {r.predicted_s:.4f} | "
+                     f"{r.rel_error:+.1%} | {ab} |")
     if skipped:
         lines += ["", f"Records not used ({len(skipped)}):", ""] + [f"- {x}" for x in skipped]
     return "\n".join(lines) + "\n"
@@ -124,6 +127,7 @@ def to_markdown(df: pd.DataFrame, s: dict, skipped: list[str], hw_src: str) -> s
 def figure(df: pd.DataFrame, s: dict, out: Path) -> list[Path]:
     from attn2d.report.figures import save_figure  # first: it selects the Agg backend (MPLBACKEND)
 
+    # isort: split
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.2, 4.6))

@@ -23,20 +23,21 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
 
 import numpy as np
 from scipy.optimize import brentq
 
-from attn2d.costmodel import Hardware, Link, ModelShape, Workload, step_time
+from attn2d.attention import ATTENTION
+from attn2d.costmodel.hardware import Hardware, Link
+from attn2d.costmodel.step import step_time
+from attn2d.costmodel.workload import Workload
+from attn2d.model import GPTConfig
 
-BASELINES = {  # name -> (cost-model algorithm, overlapped)
-    "ring": ("ring", True),
-    "ring_nooverlap": ("ring", False),
-    "ring_contiguous": ("ring_contiguous", True),
-    "ring_contiguous_nooverlap": ("ring_contiguous", False),
-}
+# name -> (algorithm, overlapped): every registered ring (ranks "ring"), with and without overlap
+BASELINES = {f"{name}{suffix}": (name, overlapped) for name, impl in ATTENTION.items() if impl.ranks == "ring"
+             for suffix, overlapped in (("", True), ("_nooverlap", False))}
 NIC_LAYOUTS = ("per_gpu", "shared")
 P2P_LEVELS = (1.0, 0.5, 0.25)  # point-to-point / collective inter-node bandwidth (an unknown; see Hardware)
 BW_RANGE_GBPS = (0.25, 4000.0)  # per NIC, achieved; the search range ("whatever the network")
@@ -54,7 +55,7 @@ class Target:
     hi: float
 
     @classmethod
-    def stated(cls, hardware: str, experiment: str, gpus: int, text: str) -> "Target":
+    def stated(cls, hardware: str, experiment: str, gpus: int, text: str) -> Target:
         """From the number as the paper prints it ("5", "9.4"): the half-unit of its last digit either side."""
         decimals = len(text.split(".")[1]) if "." in text else 0
         half = 0.5 * 10.0 ** -decimals
@@ -87,7 +88,7 @@ class Scenario:
 class Cell:
     """One bar of the paper's figure: a model, a sequence length, the grid and the Attention2D variants drawn."""
 
-    model: ModelShape
+    model: GPTConfig
     seq_len: int
     rows: int
     cols: int
@@ -199,12 +200,13 @@ def scenarios(gpus_per_node: int, **fixed) -> list[Scenario]:
     return [Scenario(**dict(zip(keys, vals))) for vals in itertools.product(*(axes[k] for k in keys))]
 
 
-def invert(base: Hardware, target: Target, cells: Sequence[Cell], scs: Sequence[Scenario], n_scan: int = 33) -> list[dict]:
+def invert(base: Hardware, target: Target, cells: Sequence[Cell], scs: Sequence[Scenario],
+           n_scan: int = 33) -> list[dict]:
     """One row per scenario: its unknowns, the bandwidth interval reproducing `target` (or none), and what the
     model's maximum tends to with a slow and a fast network."""
     rows = []
     for sc in scs:
-        sol = solve(lambda b: max_speedup(base, sc, b, cells), target.lo, target.hi, n=n_scan)
+        sol = solve(lambda b, sc=sc: max_speedup(base, sc, b, cells), target.lo, target.hi, n=n_scan)
         nics = base.gpus_per_node if sc.nics == "per_gpu" else 1
         h = sol.hull
         rows.append({
@@ -331,5 +333,5 @@ def plausible_point(table, spec_GBps: dict) -> dict:
     return out
 
 
-__all__ = ["region_samples", "plausible_point", "BASELINES", "NIC_LAYOUTS", "Target", "Scenario", "Cell", "Solution", "profile", "cell_speedups",
-           "max_speedup", "solve", "scenarios", "invert", "both"]
+__all__ = ["region_samples", "plausible_point", "BASELINES", "NIC_LAYOUTS", "Target", "Scenario", "Cell", "Solution",
+           "profile", "cell_speedups", "max_speedup", "solve", "scenarios", "invert", "both"]

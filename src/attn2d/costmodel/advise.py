@@ -1,20 +1,20 @@
 """Grid advisor: the best rows x cols grid (square or not) and algorithm for a job, from the cost model.
 
-    python -m attn2d.advise gpus=64 gpus_per_node=4 model=gpt3_13b seq_len=65536 hardware=a100_4gpn
+    python -m attn2d.costmodel.advise gpus=64 gpus_per_node=4 model=gpt3_13b seq_len=65536 hardware=a100_4gpn
 
 Arguments (key=value): gpus (required), model (conf/model option, required), seq_len (required), hardware
 (conf/hardware option, default a100_4gpn), gpus_per_node (default: the profile's), n_kv_head (default: the model's;
 fewer k/v heads than heads = grouped-query attention), batch_size (1), dtype (bf16),
-causal (true), fsdp (false), activation_checkpointing (false), algorithms (comma list, default ring,attn2d,
-attn2d_overlap), top (rows to print, default all).
+causal (true), fsdp (false), activation_checkpointing (false), algorithms (comma list, default: the baseline ring
+and every grid algorithm of the registry: ring,attn2d,attn2d_overlap), top (rows to print, default all).
 
-Every grid rows x cols = gpus is tried for attn2d and attn2d_overlap under each placement of the grid on the
-nodes (attn2d.distributed.placement: "row" = a grid row's ranks share a node, "col" = a grid column's; one GPU
-per node: "row" only), ring runs on the 1-D group of all gpus. Candidates whose sequence does not split evenly
-are listed as not possible with the reason. The output is a table of predicted step times (modelled, not
-measured), fastest first, with the speedup over ring, a line naming the best choice and why its placement (which
-grid dimension's traffic stays on-node), and its confidence: in how many variants of the unknowns the model
-cannot pin down (inter-node bandwidth x0.5 / x2, point-to-point efficiency 0.5, tree collectives) the same
+Every grid rows x cols = gpus is tried for the grid algorithms (registry ranks "grid") under each placement of the
+grid on the nodes (attn2d.distributed.placement: "row" = a grid row's ranks share a node, "col" = a grid column's;
+one GPU per node: "row" only); a ring (ranks "ring") runs on the 1-D group of all gpus. Candidates whose sequence
+does not split evenly are listed as not possible with the reason. The output is a table of predicted step times
+(modelled, not measured), fastest first, with the speedup over ring, a line naming the best choice and why its
+placement (which grid dimension's traffic stays on-node), and its confidence: in how many variants of the unknowns
+the model cannot pin down (inter-node bandwidth x0.5 / x2, point-to-point efficiency 0.5, tree collectives) the same
 choice stays the fastest (`robustness=false` skips this).
 """
 from __future__ import annotations
@@ -22,11 +22,16 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, replace
 
-from attn2d.attention import get_attention
-from attn2d.costmodel import Link, Workload, load_hardware, load_model, step_time
+from attn2d.attention import ATTENTION, get_attention
+from attn2d.costmodel.hardware import Link, load_hardware
+from attn2d.costmodel.step import step_time
+from attn2d.costmodel.workload import Workload, load_model
 from attn2d.distributed.placement import PLACEMENTS, describe
 
-DEFAULT_ALGORITHMS = ("ring", "attn2d", "attn2d_overlap")
+# the speedups' baseline: the first registered ring (Ring Attention, zigzag); the default candidates add every
+# grid algorithm, in registration order
+BASELINE = next(n for n, impl in ATTENTION.items() if impl.ranks == "ring")
+DEFAULT_ALGORITHMS = (BASELINE, *(n for n, impl in ATTENTION.items() if impl.ranks == "grid"))
 
 
 @dataclass
@@ -72,8 +77,8 @@ def parse_args(argv: list[str]) -> dict:
         args[k] = v
     missing = [k for k in ("gpus", "model", "seq_len") if k not in args]
     if missing:
-        raise SystemExit(f"missing {', '.join(missing)}; e.g. python -m attn2d.advise gpus=64 gpus_per_node=4 "
-                         f"model=gpt3_13b seq_len=65536 hardware=a100_4gpn")
+        raise SystemExit(f"missing {', '.join(missing)}; e.g. python -m attn2d.costmodel.advise gpus=64 "
+                         f"gpus_per_node=4 model=gpt3_13b seq_len=65536 hardware=a100_4gpn")
     return args
 
 
@@ -86,13 +91,14 @@ def advise(gpus: int, model, workload: Workload, hw, algorithms=DEFAULT_ALGORITH
     """All candidate (algorithm, grid) options with their predicted step times, fastest first (impossible last)."""
     out: list[Option] = []
     for alg in algorithms:
-        shapes = [(gpus, 1)] if alg.startswith("ring") else ([(1, 1)] if alg == "local" else grids(gpus))
-        if alg == "local" and gpus != 1:
-            out.append(Option(alg, 1, 1, None, reason=f"local runs on one GPU, not {gpus}"))
+        impl = get_attention(alg)
+        if impl.ranks == "one" and gpus != 1:
+            out.append(Option(alg, 1, 1, None, reason=f"{alg} runs on one GPU, not {gpus}"))
             continue
-        places = PLACEMENTS if (alg.startswith("attn2d") and hw.gpus_per_node > 1) else (hw.placement,)
+        shapes = grids(gpus) if impl.ranks == "grid" else [impl.cost_grid(gpus, 1)]
+        places = PLACEMENTS if (impl.ranks == "grid" and hw.gpus_per_node > 1) else (hw.placement,)
         for r, c in shapes:
-            why = get_attention(alg).layout_problem(workload.seq_len, r * c)
+            why = impl.layout_problem(workload.seq_len, r * c)
             if why:
                 out.append(Option(alg, r, c, None, reason=why))
                 continue
@@ -103,7 +109,7 @@ def advise(gpus: int, model, workload: Workload, hw, algorithms=DEFAULT_ALGORITH
 
 
 def variants(hw) -> dict:
-    """The unknowns the model cannot pin down (attn2d.costmodel_inverse sweeps them): name -> profile variant."""
+    """The unknowns the model cannot pin down (attn2d.costmodel.inverse sweeps them): name -> profile variant."""
     scale = lambda f: replace(hw, inter=Link(hw.inter.alpha_s, hw.inter.bw_bytes_per_s * f, hw.inter.call_s),  # noqa: E731
                               inter_rank_bw_bytes_per_s=(hw.inter_rank_bw_bytes_per_s * f
                                                          if hw.inter_rank_bw_bytes_per_s else None))
@@ -125,13 +131,14 @@ def confidence(best: Option, gpus: int, model, workload: Workload, hw, algorithm
 
 def why_placement(best: Option, options: list[Option], gpus_per_node: int) -> str:
     """Why the best option's placement: which grid dimension it keeps on-node, and what the other one costs."""
-    if not best.algorithm.startswith("attn2d") or gpus_per_node <= 1:
+    if get_attention(best.algorithm).ranks != "grid" or gpus_per_node <= 1:
         return "placement: one GPU per node or a 1-D ring: every placement is the same"
     other = next((o for o in options if o.step_time_s is not None and o.algorithm == best.algorithm
                   and (o.rows, o.cols) == (best.rows, best.cols) and o.placement != best.placement), None)
     line = describe(best.rows, best.cols, gpus_per_node, best.placement)
     if other is not None:
-        line += (f" (modelled {best.step_time_s:.4f} s); {describe(other.rows, other.cols, gpus_per_node, other.placement)}"
+        line += (f" (modelled {best.step_time_s:.4f} s); "
+                 f"{describe(other.rows, other.cols, gpus_per_node, other.placement)}"
                  f" would take {other.step_time_s:.4f} s ({other.step_time_s / best.step_time_s:.2f}x), "
                  f"its attention communication ("
                  f"{best.detail['attn_fwd_comm_s'] + best.detail['attn_bwd_comm_s']:.4f} s vs "
@@ -140,7 +147,7 @@ def why_placement(best: Option, options: list[Option], gpus_per_node: int) -> st
 
 
 def format_table(options: list[Option], top: int | None = None) -> str:
-    ring = next((o.step_time_s for o in options if o.algorithm == "ring" and o.step_time_s), None)
+    ring = next((o.step_time_s for o in options if o.algorithm == BASELINE and o.step_time_s), None)
     lines = [f"{'algorithm':<16} {'grid':>7} {'step_time_s':>12} {'vs ring':>8} {'attn fwd+bwd':>13} "
              f"{'attn comm':>10} {'grad sync':>10} placement"]
     shown = [o for o in options if o.step_time_s is not None]
@@ -182,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     if best is None:
         print("no candidate fits: change seq_len or gpus")
         return 1
-    ring = next((o for o in options if o.algorithm == "ring" and o.step_time_s), None)
+    ring = next((o for o in options if o.algorithm == BASELINE and o.step_time_s), None)
     vs = f", {ring.step_time_s / best.step_time_s:.2f}x faster than ring ({ring.step_time_s:.4f} s)" if ring else ""
     print(f"best: {best.algorithm} on a {best.grid} grid (rows x cols), placement {best.placement}, predicted "
           f"{best.step_time_s:.4f} s per step{vs} (modelled)")
