@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from toy_attention import NAME, toy_attention
 
 from attn2d.attention import get_attention, layout
 from attn2d.attention.registry import distributed_names
@@ -12,6 +11,7 @@ from attn2d.config import ConfigError, compose, validate
 from attn2d.distributed import ProcessGrid, count_comm
 from attn2d.model import GPTConfig
 from attn2d.testing import assert_matches_reference, random_case, run_distributed, synthetic_hardware
+from toy_attention import NAME, toy_attention
 
 B, N, H, D = 1, 24, 2, 8
 
@@ -24,7 +24,7 @@ def _toy_worker(rank, world, case):
         out = get_attention(NAME).fn(q, k, v, grid=grid, causal=case["causal"])
         out.backward(dout.detach())
     return {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad,
-            "by_op": {op: s.bytes_sent for op, s in stats.by_op.items()}}
+            "by_op": {op: sent for op, (sent, _, _) in stats.by_op.items()}}
 
 
 def test_toy_is_registered_with_everything_the_house_asks_of_an_algorithm():

@@ -81,23 +81,9 @@ from attn2d.costmodel.network import (
 from attn2d.costmodel.step import StepTime, _pipeline, attention_phases, step_time
 from attn2d.costmodel.workload import Workload, load_model
 from attn2d.distributed.comm import CommOp
-from attn2d.model import GPTConfig
-
-
-# Kept for attn2d.distributed.emulate_model, which imports them from here: GPTConfig.from_mapping and
-# get_attention(name).cost_grid are what they stand for.
-def model_from_dict(d, name: str = "") -> GPTConfig:
-    """A conf/model mapping -> GPTConfig (GPTConfig.from_mapping), named `name` or by its `name:` field."""
-    return GPTConfig.from_mapping(d, name=name or str(d.get("name", "")))
-
-
-def ring_grid(P: int) -> tuple[int, int]:
-    """The grid a ring of P ranks is priced on (get_attention("ring").cost_grid): P x 1."""
-    return P, 1
-
 
 __all__ = ["ATTN_BWD_FLOP_RATIO", "CommOp", "Hardware", "HardwareProfile", "Link", "OpTime", "StepTime", "Workload",
            "_pipeline", "attention_flops", "attention_phases", "attention_schedule", "attention_step_times",
            "call_work", "comm_calls", "comm_ops_for", "comm_volume_per_rank", "grad_sync_ops", "load_hardware",
-           "load_model", "model_from_dict", "op_edges", "price_op", "read_profile", "repo_root", "ring_grid",
+           "load_model", "op_edges", "price_op", "read_profile", "repo_root",
            "schedule_work", "step_time"]

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from attn2d.attention import get_attention
+from attn2d.attention.common import kv_send_peer
 from attn2d.costmodel.hardware import Hardware
 from attn2d.costmodel.workload import Workload
 from attn2d.distributed import parallelize
@@ -60,14 +61,6 @@ def _grid_groups(group: str, rows: int, cols: int) -> list[list[int]]:
     raise ValueError(f"unknown group {group!r}; known: row, col, world, pair")
 
 
-def _pair_peer(rank: int, rows: int, cols: int) -> int:
-    """Peer of a "pair" op: Alg. 1 L1's column -> row-major permutation (the transpose peer on a square grid):
-    p(r, c) sends its class t = r + c*rows to p(t // cols, t % cols)."""
-    r, c = divmod(rank, cols)
-    t = r + c * rows
-    return (t // cols) * cols + t % cols
-
-
 def op_edges(op: CommOp, rows: int, cols: int) -> tuple[list[tuple[int, int, float]], list[list[int]]]:
     """Directed edges (src, dst, bytes over the whole op) of `op` run by all its groups at once, and the groups.
 
@@ -77,7 +70,8 @@ def op_edges(op: CommOp, rows: int, cols: int) -> tuple[list[tuple[int, int, flo
     if op.group == "pair":
         edges, groups = [], []
         for k in range(P):
-            peer = _pair_peer(k, rows, cols)
+            pr, pc = kv_send_peer(*divmod(k, cols), rows, cols)  # Alg. 1 L1: column -> row-major permutation peer
+            peer = pr * cols + pc
             if peer != k:
                 edges.append((k, peer, float(op.bytes_sent)))
                 groups.append(sorted({k, peer}))

@@ -1,6 +1,6 @@
 """Which node each rank of a rows x cols process grid runs on (grid rank = r * cols + c).
 
-One rule, used by the cost model (attn2d.costmodel op pricing), the grid advisor (attn2d.advise), and anything
+One rule, used by the cost model (attn2d.costmodel op pricing), the grid advisor (attn2d.costmodel.advise), and anything
 that puts ranks on machines. No cost-model imports here.
 
 Placements:
