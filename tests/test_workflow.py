@@ -13,9 +13,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from attn2d import plan as C
 from attn2d import records
 from attn2d.config import CONF_DIR
-from attn2d.report import cells as C
 from attn2d.report import collect as K
 from attn2d.report import figures as F
 
@@ -211,7 +211,6 @@ def test_snakemake_builds_tables_figures_and_report_from_records(tmp_path, small
     cfg = ["--config", "launcher=local_cpu", "sweep=benchmark.seq_len=288,576", "modelled=false",
            "allow_failed_cells=true"]  # one synthetic cell failed: accepted, the figures show it
     run = snakemake(wd, "--cores", "2", *cfg)
-    out = run.stdout
     assert "1 of" in run.stderr and "allow_failed_cells=true" in run.stderr  # listed, accepted: exit 0
     for e, kinds in (("local_speedup", ("speedup",)), ("local_time_per_step", ("time_per_step",)),
                      ("local_comm_bytes", ("comm_bytes",))):

@@ -11,6 +11,7 @@ module imports it, so composing through `compose()` or `python -m attn2d.train` 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import functools
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 import attn2d.slurm  # noqa: F401 - registers the launcher resolvers before any composition
@@ -280,10 +283,17 @@ def gpt_config(model: Any, seq_len: int | None = None, activation_checkpointing:
     )
 
 
-def compose(overrides: Sequence[str] = (), return_hydra_config: bool = False, config_name: str = "config") -> DictConfig:
-    """Compose conf/ outside a Hydra app (tests, the workflow): compose(["model=tiny", "grid=2x2"])."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+def compose(overrides: Sequence[str] = (), return_hydra_config: bool = False, config_name: str = "config", *,
+            experiment: str | None = None, conf_dir: str | Path = CONF_DIR) -> DictConfig:
+    """The config `python -m attn2d.train [experiment=<experiment>] <overrides>` runs, composed outside a Hydra app
+    (tests, the planner, the workflow): compose(["model=tiny", "grid=2x2"]). Each (conf_dir, overrides, working
+    directory) is composed once per process (conf/ does not change under it); every call returns its own copy."""
+    ovr = (*([f"experiment={experiment}"] if experiment else []), *overrides)
+    key = (str(Path(conf_dir).resolve()), config_name, ovr, return_hydra_config, os.getcwd())
+    if key not in _COMPOSED:
+        with initialize_config_dir(config_dir=key[0], version_base="1.3"):
+            _COMPOSED[key] = hydra_compose(config_name, overrides=list(ovr), return_hydra_config=return_hydra_config)
+    return copy.deepcopy(_COMPOSED[key])
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
+
+_COMPOSED: dict[tuple, DictConfig] = {}  # compose()'s cache

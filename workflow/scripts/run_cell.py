@@ -279,7 +279,8 @@ def _run(a, command: list[str], info: dict, run_dir: Path, tree: lifecycle.Proce
     job, match = _previous_job(run_dir, command)
     attached = match == "same"
     if match == "other":  # the cell changed since: that job would write into this run dir
-        say(f"Slurm job {job['job_id']} of an earlier version of this cell is still {lifecycle.slurm_state(job['job_id'])}; "
+        state = lifecycle.slurm_state(job["job_id"])
+        say(f"Slurm job {job['job_id']} of an earlier version of this cell is still {state}; "
             + lifecycle.scancel(job["job_id"]))
         deadline = time.monotonic() + 120
         while lifecycle.slurm_state(job["job_id"]) in lifecycle.ACTIVE_STATES and time.monotonic() < deadline:
