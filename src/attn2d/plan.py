@@ -147,7 +147,7 @@ def _is_local(cfg: DictConfig) -> bool:
     return str(OmegaConf.select(cfg, "hydra.launcher._target_", default="")).endswith("LocalLauncher")
 
 
-def _composed(conf_dir: str | Path, experiment: str, overrides: Iterable[str] = ()) -> DictConfig:
+def experiment_config(conf_dir: str | Path, experiment: str, overrides: Iterable[str] = ()) -> DictConfig:
     """The config `python -m attn2d.train experiment=<experiment> <overrides>` runs, hydra node included."""
     return compose(list(overrides), return_hydra_config=True, experiment=experiment, conf_dir=conf_dir)
 
@@ -157,7 +157,7 @@ def default_experiments(conf_dir: str | Path, paper: bool) -> list[str]:
     launcher is a Slurm one (the paper's hardware), else those whose own launcher is local (CPU scale)."""
     out = []
     for name in experiment_names(conf_dir):
-        cfg = _composed(conf_dir, name)
+        cfg = experiment_config(conf_dir, name)
         figures = OmegaConf.select(cfg, "experiment.figures", default=None)
         if figures and _is_local(cfg) != paper:
             out.append(name)
@@ -255,15 +255,15 @@ def _sweep(conf_dir: str | Path, exp: str, launcher: str, task_ovr: Sequence[str
     sweep goes on without them so that the cells' own problems are found too), or None if it cannot be expanded."""
     task_ovr, user_sweep = list(task_ovr), list(user_sweep)
     try:
-        base = _composed(conf_dir, exp, task_ovr)
+        base = experiment_config(conf_dir, exp, task_ovr)
     except Exception as e:  # noqa: BLE001 - Hydra's composition errors: say which key is wrong
-        plain = _composed(conf_dir, exp)
+        plain = experiment_config(conf_dir, exp)
         found = checks.key_problems(task_ovr, plain, "override")
         problems.extend(f"experiment {exp}: {m}" for m in found or [f"overrides {' '.join(task_ovr)}: {checks.why(e)}"])
         if not found:
             return None
         task_ovr = [o for o in task_ovr if not checks.key_problems([o], plain, "override")]
-        base = _composed(conf_dir, exp, task_ovr)
+        base = experiment_config(conf_dir, exp, task_ovr)
     found = checks.key_problems(user_sweep, base, "sweep")
     problems.extend(f"experiment {exp}: {m}" for m in found)
     if found:
@@ -340,7 +340,7 @@ def plan(
         composed: dict[tuple[str, ...], DictConfig | None] = {}
         lov = list(launcher_ovr)  # less those with unknown keys (reported once)
         if lov:
-            plain = _composed(conf_dir, exp, [*sw.task_overrides, f"hydra/launcher={sw.launcher}"])
+            plain = experiment_config(conf_dir, exp, [*sw.task_overrides, f"hydra/launcher={sw.launcher}"])
             found = checks.key_problems(lov, plain, "launcher override")
             problems.extend(f"experiment {exp}: {m}" for m in found)
             lov = [o for o in lov if not checks.key_problems([o], plain, "launcher override")]
@@ -352,7 +352,7 @@ def plan(
             if groups not in composed:  # one compose per group choice (the launcher derives the job from the grid)
                 ovr = [*sw.task_overrides, *groups, f"hydra/launcher={sw.launcher}"]
                 try:
-                    composed[groups] = _composed(conf_dir, exp, [*ovr, *lov])
+                    composed[groups] = experiment_config(conf_dir, exp, [*ovr, *lov])
                 except Exception as e:  # noqa: BLE001 - a group option or launcher value Hydra refuses
                     problems.append(f"experiment {exp}: {' '.join(groups)} {' '.join(lov)}: {checks.why(e)}")
                     composed[groups] = None

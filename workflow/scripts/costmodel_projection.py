@@ -28,7 +28,8 @@ COLUMNS = ["hardware", "model", "gpus", "nodes", "grid", "seq_len", "algorithm",
 
 def experiment_cells(experiments, conf_dir: Path) -> list[dict]:
     """One dict per distinct cell: the cell's info plus its experiment's hardware profile and benchmark flags."""
-    from attn2d.report.cells import compose, plan
+    from attn2d.plan import experiment_config as compose
+    from attn2d.plan import plan
 
     p = plan(list(experiments), conf_dir=conf_dir, launcher="slurm")
     seen, out = set(), []
@@ -104,7 +105,7 @@ def project(cells: list[dict]) -> pd.DataFrame:
 
 def reported(experiments, conf_dir: Path) -> list[dict]:
     """What the paper states per experiment (its `experiment.reported`), with the experiment's hardware."""
-    from attn2d.report.cells import compose
+    from attn2d.plan import experiment_config as compose
 
     out = []
     for exp in experiments:
@@ -244,7 +245,7 @@ def main(argv=None) -> None:
         for p in draw(df, Path(a.figures)):
             print(f"wrote {p}")
     if a.band_figures:
-        from attn2d.report import figures as F
+        from attn2d.report import figures_modelled as F
 
         out_dir = Path(a.band_figures)
         paths = []
