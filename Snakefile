@@ -14,6 +14,8 @@
 # Config keys: workflow/config/config.yaml (checked against workflow/schemas/config.schema.yaml).
 # Before anything runs the plan is checked (attn2d.report.checks: one error listing every problem); at the end the
 # failed cells are listed and the exit status is 1 if any planned cell failed (allow_failed_cells=true: 0).
+import atexit
+
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
@@ -94,7 +96,5 @@ def _at_exit() -> None:
     if jobs:
         say(status_mod.shape_summary({k: j.resources.get(k) for k in status_mod.SHAPE_KEYS} for j in jobs))
 
-
-import atexit
 
 atexit.register(_at_exit)

@@ -29,8 +29,9 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
-from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from omegaconf import DictConfig, OmegaConf
+
+from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 
 _BASE_KEYS = frozenset(OmegaConf.structured(BaseQueueConf).keys())  # submitit's generic parameter names
 _INIT_KEYS = frozenset({"max_num_timeout"})  # given to the executor's constructor, not update_parameters
