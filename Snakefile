@@ -6,14 +6,16 @@
 #   snakemake --profile cluster_profiles/local --report results/report.html
 #
 # Table of contents (workflow/rules/):
-#   common.smk   the plan: experiments -> cells (attn2d.report.cells reads conf/experiment/*.yaml), get_* helpers
+#   common.smk   the plan: experiments -> cells (attn2d.plan reads conf/experiment/*.yaml), get_* helpers
 #   run.smk      one job per cell: python -m attn2d.train -m ... hydra/launcher=<launcher>; failed cells re-run
 #   collect.smk  records -> results/tables/<experiment>.csv|md (failed cells listed with their reason)
 #   figures.smk  tables -> results/figures/<experiment>/<kind>.png|pdf, labelled measured / modelled
-#   model.smk    (the cost model's rules, when present) -> results/tables/projection_paper.csv
+#   model.smk    the cost model's rules -> results/tables/projection_paper.csv (in `all` with modelled=true)
 # Config keys: workflow/config/config.yaml (checked against workflow/schemas/config.schema.yaml).
 # Before anything runs the plan is checked (attn2d.report.checks: one error listing every problem); at the end the
 # failed cells are listed and the exit status is 1 if any planned cell failed (allow_failed_cells=true: 0).
+import atexit
+
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
@@ -33,11 +35,7 @@ include: "workflow/rules/run.smk"
 include: "workflow/rules/collect.smk"
 include: "workflow/rules/figures.smk"
 include: "workflow/rules/emulated.smk"
-
-
-if HAVE_MODEL:
-
-    include: "workflow/rules/model.smk"
+include: "workflow/rules/model.smk"
 
 
 localrules:
@@ -98,7 +96,5 @@ def _at_exit() -> None:
     if jobs:
         say(status_mod.shape_summary({k: j.resources.get(k) for k in status_mod.SHAPE_KEYS} for j in jobs))
 
-
-import atexit
 
 atexit.register(_at_exit)

@@ -1,15 +1,18 @@
 """The experiment files (conf/experiment/*.yaml): each composes and validates at every cell, and expands into
-exactly the paper's grid of cells with the paper's job shapes (attn2d.report.cells, the workflow's plan)."""
+exactly the paper's grid of cells with the paper's job shapes (attn2d.plan, the workflow's plan)."""
 from __future__ import annotations
 
 import itertools
 import re
+import shlex
 
 import pytest
 from omegaconf import OmegaConf
 
-from attn2d.config import CONF_DIR, validate
-from attn2d.report import cells as C
+from attn2d import plan as C
+from attn2d.config import CONF_DIR, compose, validate
+from attn2d.report import checks
+from attn2d.sweep import sweep_points, sweeper_params
 
 SEQS = [2**13, 2**14, 2**15, 2**16, 2**17]  # the paper's x axis, 8K..128K
 PAPER_MODELS = {"gpt3_760m", "gpt3_2p7b", "gpt3_13b"}
@@ -52,14 +55,14 @@ def test_every_reproduction_file_is_headed_by_what_hardware_and_command():
 def test_every_cell_composes_and_validates(name):
     """Each experiment at each of its cells is a config train.py accepts (grid vs launcher ranks, sequence vs
     layout, model shape). One compose per (grid, model, attention); the sequence lengths are set on it."""
-    cfg0 = C.compose(CONF_DIR, name)
-    points = [dict(p.split("=", 1) for p in pt) for pt in C.sweep_points(C.sweeper_params(cfg0))]
+    cfg0 = compose(experiment=name, return_hydra_config=True)
+    points = [dict(p.split("=", 1) for p in pt) for pt in sweep_points(sweeper_params(cfg0))]
     by_shape: dict[tuple, list[str]] = {}
     for p in points:
         shape = tuple((k, v) for k, v in p.items() if k != "benchmark.seq_len")
         by_shape.setdefault(shape, []).append(p.get("benchmark.seq_len"))
     for shape, seqs in by_shape.items():
-        cfg = C.compose(CONF_DIR, name, [f"{k}={v}" for k, v in shape])
+        cfg = compose([f"{k}={v}" for k, v in shape], return_hydra_config=True, experiment=name)
         for n in seqs:
             if n is not None:
                 OmegaConf.update(cfg, "benchmark.seq_len", int(n))
@@ -198,10 +201,6 @@ def test_a_jobs_command_and_header_do_not_depend_on_the_selection():
 def test_gpu_check_script_commands_compose_and_validate():
     """benchmarks/gpu_checks.sh (for users with a GPU; never run here): its training commands compose and
     validate, and the 760M run takes its MFU peak from the H100 profile."""
-    import shlex
-
-    from attn2d.config import compose
-
     text = (CONF_DIR.parent / "benchmarks" / "gpu_checks.sh").read_text().replace("\\\n", " ")
     runs = [shlex.split(line.replace('"$hw"', "h100_1gpn").replace('"$out', '"/tmp/x'))[3:]
             for line in text.splitlines() if line.startswith("python -m attn2d.train")]
@@ -222,6 +221,6 @@ def test_reported_entries_are_checked_and_only_paper_speedups_have_them(paper, l
     assert [(r["gpus"], r["speedup_max"]) for r in paper.meta["h100_speedup"].reported] == [(64, 9.4)]
     assert all(m.reported == () for m in local.meta.values())  # nothing the paper reports at CPU scale
     with pytest.raises(ValueError, match=r"conf/experiment/x.yaml: experiment.reported entry .*'gpus': '64'"):
-        C._reported("x", OmegaConf.create([{"gpus": "64", "speedup_max": 5, "what": "w"}]))
+        checks.reported_entries("x", OmegaConf.create([{"gpus": "64", "speedup_max": 5, "what": "w"}]))
     with pytest.raises(ValueError, match=r"must be a list"):
-        C._reported("x", OmegaConf.create({"gpus": 64}))
+        checks.reported_entries("x", OmegaConf.create({"gpus": 64}))

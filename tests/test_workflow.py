@@ -3,19 +3,21 @@ records -> tables -> figures (synthetic records, a failed cell, a malformed reco
 and the re-run of a failed cell. Snakemake runs in a scratch directory that links Snakefile, workflow/ and conf/."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from attn2d import plan as C
 from attn2d import records
 from attn2d.config import CONF_DIR
-from attn2d.report import cells as C
 from attn2d.report import collect as K
 from attn2d.report import figures as F
 
@@ -211,7 +213,6 @@ def test_snakemake_builds_tables_figures_and_report_from_records(tmp_path, small
     cfg = ["--config", "launcher=local_cpu", "sweep=benchmark.seq_len=288,576", "modelled=false",
            "allow_failed_cells=true"]  # one synthetic cell failed: accepted, the figures show it
     run = snakemake(wd, "--cores", "2", *cfg)
-    out = run.stdout
     assert "1 of" in run.stderr and "allow_failed_cells=true" in run.stderr  # listed, accepted: exit 0
     for e, kinds in (("local_speedup", ("speedup",)), ("local_time_per_step", ("time_per_step",)),
                      ("local_comm_bytes", ("comm_bytes",))):
@@ -272,8 +273,6 @@ def test_real_local_run_of_two_cells_and_retry_of_a_failed_one(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- run_cell.py
 def _run_cell():
-    import importlib.util
-
     spec = importlib.util.spec_from_file_location("run_cell", ROOT / "workflow" / "scripts" / "run_cell.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -317,9 +316,9 @@ def test_run_cell_writes_a_failed_record_when_the_run_leaves_none(tmp_path):
 
 def test_run_cell_kills_a_run_past_its_time_limit(tmp_path):
     rc = _run_cell()
-    t0 = __import__("time").monotonic()
+    t0 = time.monotonic()
     sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]  # ignores the launcher args appended to it
     assert rc.main(_cell_args(tmp_path / "cell", "--timeout-min", "0.02") + sleeper) == 0
-    assert __import__("time").monotonic() - t0 < 30
+    assert time.monotonic() - t0 < 30
     rec = records.read_record(tmp_path / "cell")
     assert rec.status == "failed" and rec.end["reason"].startswith("timed out after 0.02 min")

@@ -9,16 +9,15 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from attn2d import plan as C
 from attn2d import records
 from attn2d.config import CONF_DIR
-from attn2d.report import cells as C
 from attn2d.report import figures as F
 from test_workflow import SMK, dry_run_cells, workdir, write_synthetic
 
@@ -57,7 +56,8 @@ def test_plan_checks_override_and_launcher_keys_and_layouts():
                overrides="benchmark.sed=3 hydra.launcher.timeout_mn=5", sweep="benchmark.seq_len=145 grid=2x2")
     msg = str(e.value)
     assert "override key 'benchmark.sed'" in msg and "did you mean benchmark.seed?" in msg
-    assert "launcher override key 'hydra.launcher.timeout_mn'" in msg and "did you mean hydra.launcher.timeout_min?" in msg
+    assert "launcher override key 'hydra.launcher.timeout_mn'" in msg
+    assert "did you mean hydra.launcher.timeout_min?" in msg
     assert "benchmark.seq_len 145 cannot be split over the 4 ranks" in msg
 
 
@@ -213,7 +213,8 @@ def test_a_figure_says_when_its_cells_ran_in_different_places(tmp_path, capsys):
                       "job_launcher": ["slurm_cpu", "slurm_cpu", "slurm_a100"], "partition": ["cpu", "cpu", "a100"],
                       "nodes": [1, 1, 1]})
     src = F.measured(t)
-    assert "MIXED ORIGINS" in src.label and "launcher slurm_a100, partition a100, device_name cpu (1 cells)" in src.label
+    assert "MIXED ORIGINS" in src.label
+    assert "launcher slurm_a100, partition a100, device_name cpu (1 cells)" in src.label
     assert "c" in capsys.readouterr().err
     assert "MIXED" not in F.measured(t.iloc[:2]).label
 

@@ -12,6 +12,7 @@ registered when it is imported (this module imports it for the launcher's world 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import functools
@@ -22,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from attn2d.attention import ATTENTION
@@ -259,10 +262,17 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> Settings:
     return Settings(m, a, g, b)
 
 
-def compose(overrides: Sequence[str] = (), return_hydra_config: bool = False, config_name: str = "config") -> DictConfig:
-    """Compose conf/ outside a Hydra app (tests, the workflow): compose(["model=tiny", "grid=2x2"])."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+def compose(overrides: Sequence[str] = (), return_hydra_config: bool = False, config_name: str = "config", *,
+            experiment: str | None = None, conf_dir: str | Path = CONF_DIR) -> DictConfig:
+    """The config `python -m attn2d.train [experiment=<experiment>] <overrides>` runs, composed outside a Hydra app
+    (tests, the planner, the workflow): compose(["model=tiny", "grid=2x2"]). Each (conf_dir, overrides, working
+    directory) is composed once per process (conf/ does not change under it); every call returns its own copy."""
+    ovr = (*([f"experiment={experiment}"] if experiment else []), *overrides)
+    key = (str(Path(conf_dir).resolve()), config_name, ovr, return_hydra_config, os.getcwd())
+    if key not in _COMPOSED:
+        with initialize_config_dir(config_dir=key[0], version_base="1.3"):
+            _COMPOSED[key] = hydra_compose(config_name, overrides=list(ovr), return_hydra_config=return_hydra_config)
+    return copy.deepcopy(_COMPOSED[key])
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
+
+_COMPOSED: dict[tuple, DictConfig] = {}  # compose()'s cache

@@ -41,7 +41,7 @@ def itemsize(dtype) -> int:
 
 
 def acc_dtype(dtype) -> torch.dtype:
-    """The accumulation dtype of a computation in `dtype`: lse, softmax sums and gradients (fp64 for fp64, else fp32)."""
+    """The accumulation dtype of a computation in `dtype`: lse, softmax sums, gradients (fp64 for fp64, else fp32)."""
     return torch.float64 if as_dtype(dtype) == torch.float64 else torch.float32
 
 

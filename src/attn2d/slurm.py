@@ -22,6 +22,8 @@ from __future__ import annotations
 import argparse
 import re
 from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -92,6 +94,30 @@ def register_resolvers() -> None:
 register_resolvers()
 
 
+@dataclass(frozen=True)
+class JobShape:
+    """What a job asks for: `nodes` nodes, `tasks_per_node` ranks and `gpus_per_node` GPUs (0: CPU) on each."""
+
+    nodes: int
+    tasks_per_node: int
+    gpus_per_node: int
+
+    @property
+    def ranks(self) -> int:
+        return self.nodes * self.tasks_per_node
+
+    @property
+    def gpus(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+def job_shape(launcher: Mapping[str, Any]) -> JobShape:
+    """The shape of the job a `hydra.launcher` node (resolved, e.g. launcher_params) starts; a launcher without
+    nodes (a local one) runs on one node, one without GPUs on none."""
+    return JobShape(nodes=int(launcher.get("nodes") or 1), tasks_per_node=int(launcher.get("tasks_per_node") or 1),
+                    gpus_per_node=int(launcher.get("gpus_per_node") or 0))
+
+
 def launcher_params(cfg: DictConfig) -> dict[str, Any]:
     """`hydra.launcher` of a config composed with the hydra node, resolved, without `_target_`: the keyword
     arguments the launcher is built with."""
@@ -157,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     exit status 1 if a grid cannot be placed on the launcher's nodes."""
     # the CLI sits above composition and the planner, both of which import this module (for its resolvers)
     from attn2d.config import compose
-    from attn2d.report.cells import sweep_points, sweeper_params
+    from attn2d.sweep import sweep_points, sweeper_params  # here: attn2d.sweep -> attn2d.config -> this module
 
     ap = argparse.ArgumentParser(prog="python -m attn2d.slurm", description=main.__doc__)
     ap.add_argument("--script", action="store_true", help="print the whole batch script")

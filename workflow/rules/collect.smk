@@ -14,7 +14,7 @@ rule table:
     wildcard_constraints:
         experiment=EXPERIMENT_WC,
     params:
-        title=lambda wc: f"{wc.experiment}: {get_meta(wc.experiment).reproduces}",
+        title=get_title,
     shell:
         "{PYTHON:q} -m attn2d.report.collect --experiment {wildcards.experiment:q} --title {params.title:q}"
         " --csv {output.csv:q} --md {output.md:q} {input:q} > {log:q} 2>&1"
@@ -23,11 +23,12 @@ rule table:
 rule cells_table:
     output:
         "results/tables/cells/{experiment}.csv",
+    log:
+        "results/logs/tables/cells/{experiment}.log",
     wildcard_constraints:
         experiment=EXPERIMENT_WC,
     params:
-        rows=lambda wc: cells_mod.cells_rows(PLAN.experiments.get(wc.experiment)
-                                             or MODEL_ONLY.experiments[wc.experiment]),
+        rows=get_cells_rows,
     # a script, not `run:`: Snakemake starts a run: job through a shell line holding the --config values
     script:
         "../scripts/cells_table.py"

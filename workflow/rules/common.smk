@@ -1,14 +1,15 @@
-# Helpers of the workflow: the plan of cells (attn2d.report.cells expands conf/experiment/*.yaml, the single source
-# of truth) and the get_* functions the rules call. Nothing here runs anything.
+# Helpers of the workflow: the plan of cells (attn2d.plan expands conf/experiment/*.yaml, the single source of
+# truth) and the get_* functions the rules call. Nothing here runs anything.
 import json
 import re
 import shlex
 import sys
 from pathlib import Path
 
+from attn2d import plan as plan_mod
 from attn2d import records as records_mod
-from attn2d.report import cells as cells_mod
 from attn2d.report import status as status_mod
+
 
 def flag(key: str) -> bool:
     """A boolean config key (`--config key=false` gives the string "false")."""
@@ -26,11 +27,11 @@ def selected_experiments() -> list[str]:
         chosen = [e.strip() for e in chosen.split(",") if e.strip()]
     if chosen:
         return list(chosen)
-    return cells_mod.default_experiments(CONF_DIR, paper=config["launcher"] == cells_mod.SLURM)
+    return plan_mod.default_experiments(CONF_DIR, paper=config["launcher"] == plan_mod.SLURM)
 
 
 # experiment wildcards match experiment names only (results/tables/<other>.csv belong to other rules)
-EXPERIMENT_WC = "|".join(re.escape(e) for e in cells_mod.experiment_names(CONF_DIR))
+EXPERIMENT_WC = "|".join(re.escape(e) for e in plan_mod.experiment_names(CONF_DIR))
 
 def say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
@@ -47,7 +48,7 @@ def dry_run() -> bool:
 
 # The plan, checked before anything runs: one error listing every problem (attn2d.report.checks).
 try:
-    PLAN = cells_mod.plan(
+    PLAN = plan_mod.plan(
         selected_experiments(),
         conf_dir=CONF_DIR,
         launcher=config["launcher"],
@@ -55,7 +56,7 @@ try:
         overrides=" ".join(filter(None, [config.get("overrides", ""), config.get("launcher_overrides", "")])),
         check_cluster=flag("cluster_checks"),
     )
-except cells_mod.PlanError as e:
+except plan_mod.PlanError as e:
     say(f"attn2d: {e}")
     sys.exit(1)
 for note in PLAN.notes:
@@ -102,23 +103,61 @@ def check_records() -> None:
 check_records()
 
 # Paper experiments not run here are still drawn from the cost model's projection ("modelled" figures).
-HAVE_MODEL = Path(workflow.basedir, "workflow", "rules", "model.smk").exists() and flag("modelled")
+MODELLED = flag("modelled")
 MODEL_ONLY = (
-    cells_mod.plan(
-        [e for e in cells_mod.default_experiments(CONF_DIR, paper=True) if e not in PLAN.experiments],
+    plan_mod.plan(
+        [e for e in plan_mod.default_experiments(CONF_DIR, paper=True) if e not in PLAN.experiments],
         conf_dir=CONF_DIR,
-        launcher=cells_mod.SLURM,
+        launcher=plan_mod.SLURM,
     )
-    if HAVE_MODEL
+    if MODELLED
     else None
 )
 
 
-def get_cell(wildcards) -> "cells_mod.Cell":
+def get_cell(wildcards) -> "plan_mod.Cell":
     key = f"runs/{wildcards.home}/{wildcards.cell}"
     if key not in JOBS:
         raise ValueError(f"{key} is not a cell of the selected experiments ({', '.join(PLAN.experiments)})")
     return JOBS[key]
+
+
+def get_command(wildcards) -> str:
+    """What the cell runs (a param: changing it re-runs the cell)."""
+    return PLAN.command(get_cell(wildcards), PYTHON)
+
+
+def get_job_info(wildcards) -> str:
+    """The header fields of the cell's record, as JSON for run_cell.py (a param)."""
+    return json.dumps(PLAN.job_info(get_cell(wildcards)))
+
+
+def get_run_dir(wildcards) -> str:
+    return get_cell(wildcards).run_dir
+
+
+def get_threads(wildcards) -> int:
+    """Cores a cell takes here: one per rank for a local launcher; a Slurm cell only waits for its job."""
+    res = get_cell(wildcards).resources
+    return res.ranks if res.local else 1
+
+
+def job_resources(cell: "plan_mod.Cell") -> dict:
+    """The cell rule's resources: where the cell's job runs (not params: changing them re-runs no cell)."""
+    r = cell.resources
+    return {"launcher": r.launcher, "nodes": r.nodes, "tasks_per_node": r.tasks_per_node,
+            "gpus_per_node": r.gpus_per_node, "gpus": r.gpus, "partition": r.partition or "none",
+            "account": r.account or "none (cluster default)", "runtime": r.timeout_min,
+            "launcher_args": shlex.join(PLAN.launcher_overrides)}
+
+
+def get_resource(key: str):
+    """The input function of the cell rule's resource `key` (job_resources)."""
+
+    def resource(wildcards):
+        return job_resources(get_cell(wildcards))[key]
+
+    return resource
 
 
 def get_failed_attempts(wildcards) -> int:
@@ -144,7 +183,22 @@ def get_records(wildcards) -> list[str]:
     return [c.record for c in PLAN.experiments[wildcards.experiment]]
 
 
-def get_meta(name: str) -> "cells_mod.Experiment":
+def get_cells_rows(wildcards) -> list[dict]:
+    """The planned cells of an experiment (run here, or only modelled) as rows of results/tables/cells/."""
+    cells = PLAN.experiments.get(wildcards.experiment) or MODEL_ONLY.experiments[wildcards.experiment]
+    return plan_mod.cells_rows(cells)
+
+
+def get_title(wildcards) -> str:
+    return f"{wildcards.experiment}: {get_meta(wildcards.experiment).reproduces}"
+
+
+def get_hardware(wildcards) -> str:
+    """The cost-model profile an experiment's modelled figures are drawn with."""
+    return get_meta(wildcards.experiment).hardware
+
+
+def get_meta(name: str) -> "plan_mod.Experiment":
     if name in PLAN.meta:
         return PLAN.meta[name]
     return MODEL_ONLY.meta[name]
@@ -168,5 +222,5 @@ MODELLED_KINDS = ("speedup", "time_per_step", "comm_bytes")  # what the projecti
 def final_outputs() -> list[str]:
     tables = [f"results/tables/{e}.{ext}" for e in PLAN.experiments for ext in ("csv", "md")]
     plans = [f"results/tables/cells/{e}.csv" for e in PLAN.experiments]
-    model = model_outputs() if HAVE_MODEL else []  # defined by workflow/rules/model.smk
+    model = model_outputs() if MODELLED else []  # defined by workflow/rules/model.smk
     return tables + plans + measured_figures() + modelled_figures() + model

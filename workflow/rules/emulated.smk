@@ -20,7 +20,7 @@ rule emulated_speedup:
         " --out results/tables/emulated_speedup --figure results/figures/emulated_speedup/speedup > {log} 2>&1"
 
 
-if flag("emulated") and config["launcher"] != cells_mod.SLURM:
+if flag("emulated") and config["launcher"] != plan_mod.SLURM:
     _final_outputs_without_emulated = final_outputs
 
     def final_outputs() -> list[str]:  # rule all's targets, with the emulated outputs added

@@ -7,7 +7,7 @@ KINDS = "speedup|time_per_step|comm_bytes"
 
 
 def get_projection(wildcards):
-    return [config["projection"]] if HAVE_MODEL else []
+    return [config["projection"]] if MODELLED else []
 
 
 def get_reported_args(wildcards) -> str:
@@ -40,7 +40,7 @@ rule figure:
         experiment=EXPERIMENT_WC,
         kind=KINDS,
     params:
-        model_args=lambda wc, input: get_model_args(wc, input),
+        model_args=get_model_args,
         reported=get_reported_args,
     shell:
         "{PYTHON:q} -m attn2d.report.figures {wildcards.kind:q}"
@@ -63,7 +63,7 @@ rule figure_modelled:
         experiment=EXPERIMENT_WC,
         kind=KINDS,
     params:
-        hardware=lambda wc: get_meta(wc.experiment).hardware,
+        hardware=get_hardware,
         reported=get_reported_args,
     shell:
         "{PYTHON:q} -m attn2d.report.figures {wildcards.kind:q}"

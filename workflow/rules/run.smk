@@ -27,22 +27,22 @@ rule cell:
         home="[A-Za-z0-9_]+",
         cell="[^/]+",
     params:
-        command=lambda wc: PLAN.command(get_cell(wc), PYTHON),
-        info=lambda wc: json.dumps(PLAN.job_info(get_cell(wc))),
-        run_dir=lambda wc: get_cell(wc).run_dir,
+        command=get_command,
+        info=get_job_info,
+        run_dir=get_run_dir,
         failed_attempts=get_failed_attempts,
         timeout_min=config["cell_timeout_min"],
-    threads: lambda wc: get_cell(wc).resources.ranks if get_cell(wc).resources.local else 1
+    threads: get_threads
     resources:
-        launcher=lambda wc: get_cell(wc).resources.launcher,
-        nodes=lambda wc: get_cell(wc).resources.nodes,
-        tasks_per_node=lambda wc: get_cell(wc).resources.tasks_per_node,
-        gpus_per_node=lambda wc: get_cell(wc).resources.gpus_per_node,
-        gpus=lambda wc: get_cell(wc).resources.gpus,
-        partition=lambda wc: get_cell(wc).resources.partition or "none",
-        account=lambda wc: get_cell(wc).resources.account or "none (cluster default)",
-        runtime=lambda wc: get_cell(wc).resources.timeout_min,
-        launcher_args=lambda wc: shlex.join(PLAN.launcher_overrides),
+        launcher=get_resource("launcher"),
+        nodes=get_resource("nodes"),
+        tasks_per_node=get_resource("tasks_per_node"),
+        gpus_per_node=get_resource("gpus_per_node"),
+        gpus=get_resource("gpus"),
+        partition=get_resource("partition"),
+        account=get_resource("account"),
+        runtime=get_resource("runtime"),
+        launcher_args=get_resource("launcher_args"),
     # every placeholder is shell-quoted (:q); params.command is already a shlex-quoted argument list
     shell:
         "{PYTHON:q} workflow/scripts/run_cell.py --run-dir {params.run_dir:q} --info {params.info:q}"

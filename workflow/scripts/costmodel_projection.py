@@ -3,7 +3,7 @@
     python workflow/scripts/costmodel_projection.py --out results/tables/projection_paper.csv \
         --figures results/figures/modelled [--experiments a100_speedup a100_time_per_step h100_speedup]
 
-Cells: every cell of each experiment (attn2d.report.cells.plan expands conf/experiment/<name>.yaml exactly as the
+Cells: every cell of each experiment (attn2d.plan.plan expands conf/experiment/<name>.yaml exactly as the
 workflow does), each priced with the experiment's own cost-model profile (its `hardware` choice) and its benchmark
 settings (batch, dtype, FSDP, activation checkpointing). Columns: hardware, model, gpus, nodes, grid, seq_len,
 algorithm, step_time_s, speedup_vs_ring, then the breakdown (attention fwd/bwd compute and communication, rest of
@@ -26,7 +26,8 @@ from attn2d.costmodel import Link, Workload, comm_ops_for, load_hardware, load_m
 from attn2d.costmodel import inverse as inv
 from attn2d.costmodel.hardware import conf_path
 from attn2d.dtypes import short_name
-from attn2d.report.cells import compose, plan
+from attn2d.plan import experiment_config as compose
+from attn2d.plan import plan
 
 PAPER_EXPERIMENTS = ("a100_speedup", "a100_time_per_step", "h100_speedup")
 COLUMNS = ["hardware", "model", "gpus", "nodes", "grid", "seq_len", "algorithm", "step_time_s", "speedup_vs_ring"]
@@ -234,7 +235,7 @@ def main(argv=None) -> None:
         for p in draw(df, Path(a.figures)):
             print(f"wrote {p}")
     if a.band_figures:
-        from attn2d.report import figures as F  # matplotlib: only when drawing
+        from attn2d.report import figures_modelled as F
 
         out_dir = Path(a.band_figures)
         paths = []

@@ -213,7 +213,7 @@ def _await_record(run_dir: Path, seconds: float = 30.0) -> bool:
 def main(argv: list[str] | None = None, subreaper: bool = False) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run-dir", required=True, type=Path)
-    ap.add_argument("--info", required=True, help="the cell's header fields as JSON (see attn2d.report.cells)")
+    ap.add_argument("--info", required=True, help="the cell's header fields as JSON (see attn2d.plan)")
     ap.add_argument("--nodes", type=int, required=True, help="nodes of the job (for the header of a failed run)")
     ap.add_argument("--gpus-per-node", type=int, required=True, help="GPUs per node of the job (idem)")
     ap.add_argument("--launcher", required=True, help="hydra/launcher option")
@@ -279,7 +279,8 @@ def _run(a, command: list[str], info: dict, run_dir: Path, tree: lifecycle.Proce
     job, match = _previous_job(run_dir, command)
     attached = match == "same"
     if match == "other":  # the cell changed since: that job would write into this run dir
-        say(f"Slurm job {job['job_id']} of an earlier version of this cell is still {lifecycle.slurm_state(job['job_id'])}; "
+        state = lifecycle.slurm_state(job["job_id"])
+        say(f"Slurm job {job['job_id']} of an earlier version of this cell is still {state}; "
             + lifecycle.scancel(job["job_id"]))
         deadline = time.monotonic() + 120
         while lifecycle.slurm_state(job["job_id"]) in lifecycle.ACTIVE_STATES and time.monotonic() < deadline:

@@ -1,5 +1,7 @@
-"""Plan-time checks: what can be known wrong before any job is submitted (attn2d.report.cells.plan collects them
-into ONE PlanError listing every problem).
+"""Plan-time checks: what can be known wrong before any job is submitted (attn2d.plan.plan collects them into ONE
+PlanError listing every problem).
+
+- experiments: each selected experiment has its file; its `experiment.reported` entries are well formed;
 
 - keys: every sweep / override key must be a key (or config group) of the composed config; the nearest valid key
   is suggested (`benchmark.seqlen` -> "did you mean benchmark.seq_len?");
@@ -17,12 +19,57 @@ import re
 import shutil
 import subprocess
 from collections import defaultdict
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
+
+from attn2d.config import ConfigError, validate
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9_.,=+\-:\[\]@%]+$")  # characters a cell name (a run dir) may hold
 CLUSTER_TIMEOUT_S = 10
+
+
+class PlanError(ValueError):
+    """An experiment, sweep or launcher choice that cannot be expanded into cells."""
+
+
+def why(e: Exception) -> str:
+    """An exception's message on one line (Hydra's span several)."""
+    text = " ".join(ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.startswith("See https://"))
+    return text or type(e).__name__
+
+
+def report(problems: Sequence[str], per_cell: Mapping[str, list[str]]) -> str:
+    """The PlanError message: every problem once, those of cells with (up to three of) the cells that have it."""
+    lines = list(dict.fromkeys(problems))
+    for problem, where in per_cell.items():
+        more = f" and {len(where) - 3} more" if len(where) > 3 else ""
+        lines.append(f"{problem} [{len(where)} cell(s): {'; '.join(where[:3])}{more}]")
+    return (f"the plan has {len(lines)} problem(s); no job was submitted:\n  - " + "\n  - ".join(lines))
+
+
+def unknown_experiment(conf_dir: Path, experiment: str, known: Sequence[str]) -> str:
+    return (f"experiment {experiment!r} has no file {conf_dir}/experiment/{experiment}.yaml; "
+            f"known experiments: {', '.join(known)}")
+
+
+def reported_entries(exp: str, rep) -> tuple[dict, ...]:
+    """The experiment file's `experiment.reported` list, checked: each entry {gpus: int, speedup_max: number,
+    what: text}."""
+    entries = OmegaConf.to_container(rep, resolve=True) if rep else []
+    if not isinstance(entries, list):
+        raise ValueError(f"conf/experiment/{exp}.yaml: experiment.reported must be a list of "
+                         f"{{gpus, speedup_max, what}}, got {entries!r}")
+    for e in entries:
+        ok = (isinstance(e, dict) and set(e) == {"gpus", "speedup_max", "what"} and isinstance(e["gpus"], int)
+              and isinstance(e["speedup_max"], (int, float)) and isinstance(e["what"], str))
+        if not ok:
+            raise ValueError(f"conf/experiment/{exp}.yaml: experiment.reported entry {e!r} is not "
+                             "{gpus: <int>, speedup_max: <number>, what: <text>}")
+    return tuple(entries)
 
 
 def flat_keys(cfg: DictConfig) -> set[str]:
@@ -61,8 +108,6 @@ def nearest(key: str, valid: Iterable[str]) -> str:
 
 def key_problems(overrides: Sequence[str], cfg: DictConfig, what: str) -> list[str]:
     """Overrides whose key is not in `cfg` (`+key=` adds a key and is not checked; `~key` must exist)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     parser = OverridesParser.create()
     valid = flat_keys(cfg)
     problems = []
@@ -90,8 +135,6 @@ def name_problem(name: str) -> str | None:
 
 def cell_problems(cfg: DictConfig) -> list[str]:
     """attn2d.config.validate's problems of one cell's composed config (one per line)."""
-    from attn2d.config import ConfigError, validate
-
     try:
         validate(cfg)
     except ConfigError as e:

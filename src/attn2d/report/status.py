@@ -6,9 +6,9 @@ import re
 import shutil
 import subprocess
 from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
 
 from attn2d.records import RecordError, read_record
 

@@ -2,9 +2,10 @@
 
 A *cell* is one point of an experiment's Hydra sweep (`hydra.sweeper.params`), e.g. model=gpt3_2p7b,
 benchmark.seq_len=8192, grid=4x4, attention=ring: one training run, one Slurm job, one record
-`runs/<experiment>/<cell>/metrics.jsonl`. The cells are expanded exactly as Hydra's basic sweeper expands them
-(`BasicSweeper.split_arguments`), so `python -m attn2d.train -m experiment=X` and the Snakemake workflow run the
-same points, and a cell's name is Hydra's `override_dirname` of its sweep point (sorted `key=value`, comma-joined).
+`runs/<experiment>/<cell>/metrics.jsonl`. The cells are expanded as Hydra's basic sweeper expands them (the
+cartesian product of every override's values, keys in order), so `python -m attn2d.train -m experiment=X` and the
+Snakemake workflow run the same points, and a cell's name is Hydra's `override_dirname` of its sweep point
+(sorted `key=value`, comma-joined).
 
 Shared cells: an experiment that includes another (a100_time_per_step includes a100_speedup) has cells whose
 config is identical to cells of the other. Such a cell is run once, in the run dir of its `home` (the experiment
@@ -12,50 +13,42 @@ with the largest sweep that runs it, see `plan`); every experiment's table reads
 same sweep point, same launcher, and the same composed config apart from `experiment_name`, the `experiment`
 metadata and the swept keys.
 
-Resources of a cell (nodes, tasks and GPUs per node, partition, account, time limit) are read from the composed
-`hydra.launcher` of the cell's grid (conf/hydra/launcher/*.yaml derive nodes from the grid), so the Snakemake
-dry run shows what the Slurm job will ask for.
+Resources of a cell (its job shape, partition, account, time limit) are read from the composed `hydra.launcher`
+of the cell's grid (conf/hydra/launcher/*.yaml derive nodes from the grid), so the Snakemake dry run shows what
+the Slurm job will ask for. The checks the plan applies live in attn2d.report.checks.
 """
 from __future__ import annotations
 
-import copy
 import json
 import shlex
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-import attn2d.slurm  # noqa: F401  (registers the resolvers the launcher configs use)
+from attn2d import slurm
+from attn2d.config import compose
 from attn2d.report import checks
+from attn2d.report.checks import PlanError
+from attn2d.report.collect import BASELINE, CELL_KEYS
+from attn2d.sweep import cell_name, point_dict, set_dotted, split_overrides, sweep_points, sweeper_params
 
 SLURM = "slurm"  # launcher choice meaning "each experiment's own Slurm launcher"
 LOCAL_TO_SLURM = {"local_cpu": "slurm_cpu"}  # what a local experiment uses under launcher=slurm
 
 
-class PlanError(ValueError):
-    """An experiment, sweep or launcher choice that cannot be expanded into cells."""
-
-
 @dataclass(frozen=True)
-class Resources:
-    """What one cell's job asks of the scheduler (from the resolved `hydra.launcher`)."""
+class Resources(slurm.JobShape):
+    """What one cell's job asks of the scheduler (from the resolved `hydra.launcher`): its shape, and where."""
 
     launcher: str  # hydra/launcher option, e.g. slurm_a100
     local: bool  # submitit local executor (runs on this machine)
-    ranks: int  # rows * cols
-    nodes: int
-    tasks_per_node: int
-    gpus_per_node: int
     partition: str  # "" where the launcher has none
     account: str  # "" where the launcher leaves it to Slurm
     timeout_min: int
     params: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)  # resolved hydra.launcher
-
-    @property
-    def gpus(self) -> int:
-        return self.nodes * self.gpus_per_node
 
 
 @dataclass(frozen=True)
@@ -92,22 +85,6 @@ class Experiment:
     hardware: str  # cost-model profile (conf/hardware option) of the hardware it was designed for
     launcher: str  # the hydra/launcher option its cells run with here
     reported: tuple[dict, ...] = ()  # what the paper states of its figure: {gpus, speedup_max, what}
-
-
-def _reported(exp: str, rep) -> tuple[dict, ...]:
-    """The experiment file's `experiment.reported` list, checked: each entry {gpus: int, speedup_max: number,
-    what: text}."""
-    entries = OmegaConf.to_container(rep, resolve=True) if rep else []
-    if not isinstance(entries, list):
-        raise ValueError(f"conf/experiment/{exp}.yaml: experiment.reported must be a list of "
-                         f"{{gpus, speedup_max, what}}, got {entries!r}")
-    for e in entries:
-        ok = (isinstance(e, dict) and set(e) == {"gpus", "speedup_max", "what"} and isinstance(e["gpus"], int)
-              and isinstance(e["speedup_max"], (int, float)) and isinstance(e["what"], str))
-        if not ok:
-            raise ValueError(f"conf/experiment/{exp}.yaml: experiment.reported entry {e!r} is not "
-                             "{gpus: <int>, speedup_max: <number>, what: <text>}")
-    return tuple(entries)
 
 
 @dataclass
@@ -162,79 +139,6 @@ def cells_rows(cells: Iterable[Cell]) -> list[dict[str, Any]]:
     return rows
 
 
-def split_overrides(text: str | Iterable[str] | None) -> list[str]:
-    """Hydra overrides from a shell-like string ("model=a,b benchmark.steps=3") or a list of them."""
-    if text is None:
-        return []
-    if isinstance(text, str):
-        try:
-            return shlex.split(text)
-        except ValueError as e:  # an unbalanced quote
-            raise PlanError(f"overrides {text!r} are not shell-like words ({e}); quote a value holding spaces or "
-                            "quotes for Hydra, e.g. key='\"a b\"'") from None
-    return [str(t) for t in text]
-
-
-def _parser():
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    return OverridesParser.create()
-
-
-def sweep_points(params: Mapping[str, str], sweep: Iterable[str] = ()) -> list[tuple[str, ...]]:
-    """The sweep points of `params` ({key: "v1,v2"}, an experiment's hydra.sweeper.params) after the overrides in
-    `sweep` ("key=v1,v2" replaces that key's values, a new key adds a dimension), expanded as Hydra's basic
-    sweeper does (cartesian product, keys in order)."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-
-    parser = _parser()
-    merged: dict[str, str] = {}
-    for k, v in params.items():
-        merged[str(k)] = str(v)
-    for ov in parser.parse_overrides(list(sweep)):
-        merged[ov.get_key_element()] = str(ov.input_line).split("=", 1)[1]
-    lines = [f"{k}={v}" for k, v in merged.items()]
-    (batch,) = BasicSweeper.split_arguments(parser.parse_overrides(lines), max_batch_size=None)
-    return [tuple(p) for p in batch]
-
-
-def sweeper_params(cfg: DictConfig) -> dict[str, str]:
-    """An experiment's `hydra.sweeper.params` as {key: "v1,v2"} ({} when it sweeps nothing)."""
-    params = OmegaConf.select(cfg, "hydra.sweeper.params", default=None)
-    return {str(k): str(v) for k, v in (OmegaConf.to_container(params) if params else {}).items()}
-
-
-def cell_name(point: Iterable[str]) -> str:
-    """Hydra's override_dirname of a sweep point: sorted key=value, joined by commas."""
-    name = ",".join(sorted(point))
-    return name or "default"
-
-
-def _point_dict(point: Iterable[str]) -> dict[str, str]:
-    return dict(p.split("=", 1) for p in point)
-
-
-def compose(conf_dir: str | Path, experiment: str, overrides: Iterable[str] = ()) -> DictConfig:
-    """The config `python -m attn2d.train experiment=<experiment> <overrides>` would run, hydra node included."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    conf_dir = Path(conf_dir).resolve()
-    if not (conf_dir / "experiment" / f"{experiment}.yaml").is_file():
-        known = sorted(p.stem for p in (conf_dir / "experiment").glob("*.yaml"))
-        raise PlanError(f"experiment {experiment!r} has no file {conf_dir}/experiment/{experiment}.yaml; "
-                        f"known experiments: {', '.join(known)}")
-    key = (str(conf_dir), experiment, tuple(overrides))
-    if key not in _COMPOSED:  # the plan composes the same (experiment, overrides) several times; a copy is returned
-        with initialize_config_dir(config_dir=str(conf_dir), version_base=None):
-            _COMPOSED[key] = hydra_compose("config", overrides=[f"experiment={experiment}", *overrides],
-                                           return_hydra_config=True)
-    return copy.deepcopy(_COMPOSED[key])
-
-
-_COMPOSED: dict[tuple, DictConfig] = {}  # one process = one checkout: conf/ does not change under it
-
-
 def experiment_names(conf_dir: str | Path) -> list[str]:
     return sorted(p.stem for p in (Path(conf_dir) / "experiment").glob("*.yaml"))
 
@@ -243,12 +147,17 @@ def _is_local(cfg: DictConfig) -> bool:
     return str(OmegaConf.select(cfg, "hydra.launcher._target_", default="")).endswith("LocalLauncher")
 
 
+def experiment_config(conf_dir: str | Path, experiment: str, overrides: Iterable[str] = ()) -> DictConfig:
+    """The config `python -m attn2d.train experiment=<experiment> <overrides>` runs, hydra node included."""
+    return compose(list(overrides), return_hydra_config=True, experiment=experiment, conf_dir=conf_dir)
+
+
 def default_experiments(conf_dir: str | Path, paper: bool) -> list[str]:
     """The experiments that reproduce a figure (`experiment.figures` not empty): with paper=True those whose own
     launcher is a Slurm one (the paper's hardware), else those whose own launcher is local (CPU scale)."""
     out = []
     for name in experiment_names(conf_dir):
-        cfg = compose(conf_dir, name)
+        cfg = experiment_config(conf_dir, name)
         figures = OmegaConf.select(cfg, "experiment.figures", default=None)
         if figures and _is_local(cfg) != paper:
             out.append(name)
@@ -264,20 +173,20 @@ def resolve_launcher(choice: str, own: str) -> str:
 
 
 def resources(cfg: DictConfig, launcher: str) -> Resources:
-    """A cell's job shape from the resolved `hydra.launcher` of a config composed for that cell's grid."""
-    params = attn2d.slurm.launcher_params(cfg)
+    """A cell's job from the resolved `hydra.launcher` of a config composed for that cell's grid."""
+    params = slurm.launcher_params(cfg)
+    shape = slurm.job_shape(params)
     ranks = int(cfg.grid.rows) * int(cfg.grid.cols)
-    nodes, tpn = int(params.get("nodes") or 1), int(params.get("tasks_per_node") or 1)
-    if nodes * tpn != ranks:
-        raise PlanError(f"launcher {launcher} asks for nodes={nodes} x tasks_per_node={tpn} = {nodes * tpn} tasks, "
-                        f"but grid {cfg.grid.rows}x{cfg.grid.cols} has {ranks} ranks; they must be equal")
+    if shape.ranks != ranks:
+        raise PlanError(f"launcher {launcher} asks for nodes={shape.nodes} x tasks_per_node={shape.tasks_per_node} "
+                        f"= {shape.ranks} tasks, but grid {cfg.grid.rows}x{cfg.grid.cols} has {ranks} ranks; "
+                        "they must be equal")
     return Resources(
+        nodes=shape.nodes,
+        tasks_per_node=shape.tasks_per_node,
+        gpus_per_node=shape.gpus_per_node,
         launcher=launcher,
         local=_is_local(cfg),
-        ranks=ranks,
-        nodes=nodes,
-        tasks_per_node=tpn,
-        gpus_per_node=int(params.get("gpus_per_node") or 0),
         partition=str(params.get("partition") or ""),
         account=str(params.get("account") or ""),
         timeout_min=int(params.get("timeout_min") or 0),
@@ -340,29 +249,21 @@ class _Sweep:
     task_overrides: tuple[str, ...] = ()  # the plan's overrides less those with unknown keys (already reported)
 
 
-def _why(e: Exception) -> str:
-    """An exception's message on one line (Hydra's span several)."""
-    text = " ".join(ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.startswith("See https://"))
-    return text or type(e).__name__
-
-
 def _sweep(conf_dir: str | Path, exp: str, launcher: str, task_ovr: Sequence[str], user_sweep: Sequence[str],
            problems: list[str]) -> _Sweep | None:
     """The experiment's sweep, its problems appended to `problems` (unknown keys with the nearest valid key; the
     sweep goes on without them so that the cells' own problems are found too), or None if it cannot be expanded."""
     task_ovr, user_sweep = list(task_ovr), list(user_sweep)
     try:
-        base = compose(conf_dir, exp, task_ovr)
-    except PlanError:
-        raise
+        base = experiment_config(conf_dir, exp, task_ovr)
     except Exception as e:  # noqa: BLE001 - Hydra's composition errors: say which key is wrong
-        plain = compose(conf_dir, exp)
+        plain = experiment_config(conf_dir, exp)
         found = checks.key_problems(task_ovr, plain, "override")
-        problems.extend(f"experiment {exp}: {m}" for m in found or [f"overrides {' '.join(task_ovr)}: {_why(e)}"])
+        problems.extend(f"experiment {exp}: {m}" for m in found or [f"overrides {' '.join(task_ovr)}: {checks.why(e)}"])
         if not found:
             return None
         task_ovr = [o for o in task_ovr if not checks.key_problems([o], plain, "override")]
-        base = compose(conf_dir, exp, task_ovr)
+        base = experiment_config(conf_dir, exp, task_ovr)
     found = checks.key_problems(user_sweep, base, "sweep")
     problems.extend(f"experiment {exp}: {m}" for m in found)
     if found:
@@ -371,26 +272,11 @@ def _sweep(conf_dir: str | Path, exp: str, launcher: str, task_ovr: Sequence[str
     try:
         points = sweep_points(sweeper_params(base), user_sweep)
     except Exception as e:  # noqa: BLE001 - a sweep value Hydra's grammar refuses
-        problems.append(f"experiment {exp}: sweep {' '.join(user_sweep)!r}: {_why(e)}")
+        problems.append(f"experiment {exp}: sweep {' '.join(user_sweep)!r}: {checks.why(e)}")
         return None
-    swept = list(_point_dict(points[0]).keys()) if points else []
+    swept = list(point_dict(points[0]).keys()) if points else []
     size = len(sweep_points(sweeper_params(base))) if user_sweep else len(points)
     return _Sweep(base, eff, points, size, _fingerprint(base, swept, eff), tuple(task_ovr))
-
-
-def _set_dotted(cfg: DictConfig, point: Iterable[str]) -> None:
-    """Apply a sweep point's dotted overrides (benchmark.seq_len=...) to a config composed with its groups."""
-    parser = _parser()
-    for ov in parser.parse_overrides([p for p in point if "." in p.split("=", 1)[0]]):
-        OmegaConf.update(cfg, ov.key_or_group, ov.value(), force_add=ov.is_add() or ov.is_force_add())
-
-
-def _report(problems: Sequence[str], per_cell: Mapping[str, list[str]]) -> str:
-    lines = list(dict.fromkeys(problems))
-    for problem, where in per_cell.items():
-        more = f" and {len(where) - 3} more" if len(where) > 3 else ""
-        lines.append(f"{problem} [{len(where)} cell(s): {'; '.join(where[:3])}{more}]")
-    return (f"the plan has {len(lines)} problem(s); no job was submitted:\n  - " + "\n  - ".join(lines))
 
 
 def plan(
@@ -418,8 +304,6 @@ def plan(
     config at the same point (selected experiments with the sweep above, the others with their own), the one with
     the largest sweep (then by name): a100_speedup for a100_time_per_step's cells. The same run lands in the same
     place whatever the selection."""
-    from attn2d.report.collect import BASELINE, CELL_KEYS
-
     selected = list(dict.fromkeys(experiments))
     fixed = split_overrides(overrides)
     for o in fixed:
@@ -432,10 +316,13 @@ def plan(
     if not selected:
         return result
 
+    known = experiment_names(conf_dir)
+    for exp in sorted(set(selected) - set(known)):
+        raise PlanError(checks.unknown_experiment(Path(conf_dir).resolve(), exp, known))
     problems: list[str] = []
     per_cell: dict[str, list[str]] = {}  # problem -> the cells that have it
     sweeps: dict[str, _Sweep] = {}
-    for exp in sorted(set(experiment_names(conf_dir)) | set(selected)):
+    for exp in known:
         user = split_overrides(sweep.get(exp) if isinstance(sweep, Mapping) else sweep) if exp in selected else []
         found: list[str] = []
         sw = _sweep(conf_dir, exp, launcher, task_ovr, user, found)
@@ -453,21 +340,21 @@ def plan(
         composed: dict[tuple[str, ...], DictConfig | None] = {}
         lov = list(launcher_ovr)  # less those with unknown keys (reported once)
         if lov:
-            plain = compose(conf_dir, exp, [*sw.task_overrides, f"hydra/launcher={sw.launcher}"])
+            plain = experiment_config(conf_dir, exp, [*sw.task_overrides, f"hydra/launcher={sw.launcher}"])
             found = checks.key_problems(lov, plain, "launcher override")
             problems.extend(f"experiment {exp}: {m}" for m in found)
             lov = [o for o in lov if not checks.key_problems([o], plain, "launcher override")]
         cells = []
         for point in sw.points:
-            pd = _point_dict(point)
+            pd = point_dict(point)
             name = cell_name(point)
             groups = tuple(f"{k}={v}" for k, v in pd.items() if "." not in k and (check_cells or k == "grid"))
             if groups not in composed:  # one compose per group choice (the launcher derives the job from the grid)
                 ovr = [*sw.task_overrides, *groups, f"hydra/launcher={sw.launcher}"]
                 try:
-                    composed[groups] = compose(conf_dir, exp, [*ovr, *lov])
+                    composed[groups] = experiment_config(conf_dir, exp, [*ovr, *lov])
                 except Exception as e:  # noqa: BLE001 - a group option or launcher value Hydra refuses
-                    problems.append(f"experiment {exp}: {' '.join(groups)} {' '.join(lov)}: {_why(e)}")
+                    problems.append(f"experiment {exp}: {' '.join(groups)} {' '.join(lov)}: {checks.why(e)}")
                     composed[groups] = None
             cfg = composed[groups]
             if cfg is None:
@@ -476,10 +363,10 @@ def plan(
             if check_cells:
                 bad += [m for m in [checks.name_problem(name)] if m]
                 try:
-                    _set_dotted(cfg, point)
+                    set_dotted(cfg, point)
                     bad += checks.cell_problems(cfg)
                 except Exception as e:  # noqa: BLE001 - a value OmegaConf refuses
-                    bad.append(_why(e))
+                    bad.append(checks.why(e))
             try:
                 res = resources(cfg, sw.launcher)
             except PlanError as e:
@@ -494,7 +381,7 @@ def plan(
             problems += checks.baseline_problems(exp, cells, CELL_KEYS, BASELINE)
         result.experiments[exp] = cells
         m = sw.base.get("experiment") or {}
-        reported = _reported(exp, m.get("reported"))
+        reported = checks.reported_entries(exp, m.get("reported"))
         result.meta[exp] = Experiment(exp, str(m.get("reproduces", "")), tuple(m.get("figures", ())),
                                       str(sw.base.hydra.runtime.choices.get("hardware") or ""), sw.launcher,
                                       reported)
@@ -508,5 +395,5 @@ def plan(
         found, result.notes = checks.cluster_problems(wanted)
         problems += found
     if problems or per_cell:
-        raise PlanError(_report(problems, per_cell))
+        raise PlanError(checks.report(problems, per_cell))
     return result
