@@ -28,7 +28,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from attn2d import slurm
+from attn2d import records, slurm
 from attn2d.config import compose
 from attn2d.report import checks
 from attn2d.report.checks import PlanError
@@ -220,21 +220,13 @@ def _info(cfg: DictConfig, experiment: str, point: dict[str, str], res: Resource
     and the sweep point (group choices by option name)."""
     choices = cfg.hydra.runtime.choices
     b = cfg.benchmark
-    return {
-        "experiment": experiment,
-        "model": point.get("model", choices.get("model")),
-        "attention": point.get("attention", choices.get("attention")),
-        "grid": point.get("grid", choices.get("grid")),
-        "rows": int(cfg.grid.rows),
-        "cols": int(cfg.grid.cols),
-        "world_size": res.ranks,
-        "nodes": res.nodes,
-        "gpus_per_node": res.gpus_per_node,
-        "seq_len": int(point.get("benchmark.seq_len", b.seq_len)),
-        "batch_size": int(point.get("benchmark.batch_size", b.batch_size)),
-        "dtype": str(point.get("benchmark.dtype", b.dtype)),
-        "device": str(point.get("benchmark.device", b.device)),
-    }
+    return records.cell(
+        experiment=experiment, model=point.get("model", choices.get("model")),
+        attention=point.get("attention", choices.get("attention")), grid=point.get("grid", choices.get("grid")),
+        rows=int(cfg.grid.rows), cols=int(cfg.grid.cols), world_size=res.ranks, nodes=res.nodes,
+        gpus_per_node=res.gpus_per_node, seq_len=int(point.get("benchmark.seq_len", b.seq_len)),
+        batch_size=int(point.get("benchmark.batch_size", b.batch_size)),
+        dtype=str(point.get("benchmark.dtype", b.dtype)), device=str(point.get("benchmark.device", b.device)))
 
 
 @dataclass

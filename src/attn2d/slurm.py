@@ -132,7 +132,7 @@ def launcher_world_size(cfg: DictConfig) -> int | None:
     launcher = OmegaConf.select(cfg, "hydra.launcher", default=None)
     if launcher is None or "tasks_per_node" not in launcher:
         return None
-    return int(launcher.tasks_per_node) * int(launcher.get("nodes", 1) or 1)
+    return job_shape(launcher).ranks
 
 
 def make_executor(cluster: str, params: dict[str, Any]):
@@ -233,8 +233,9 @@ def main(argv: list[str] | None = None) -> int:
             if "account" not in flags:
                 shown += " account: none (cluster default)"
             print(f"{args.experiment} grid={grid} ({launcher}, {n_cells} jobs): {shown}")
-        shapes[f"{params['nodes']} nodes x {params['tasks_per_node']} tasks x {params.get('gpus_per_node') or 0} "
-               f"GPUs, partition {params.get('partition')}"] += n_cells
+        js = job_shape(params)
+        shapes[f"{js.nodes} nodes x {js.tasks_per_node} tasks x {js.gpus_per_node} GPUs, partition "
+               f"{params.get('partition')}"] += n_cells
     total = sum(shapes.values())
     print(f"jobs by shape ({total} jobs, {len(points)} cells):")
     for shape, n in shapes.items():

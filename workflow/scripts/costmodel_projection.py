@@ -235,7 +235,7 @@ def main(argv=None) -> None:
         for p in draw(df, Path(a.figures)):
             print(f"wrote {p}")
     if a.band_figures:
-        from attn2d.report import figures_modelled as F
+        from attn2d.report import figures_modelled as F  # matplotlib: only when drawing
 
         out_dir = Path(a.band_figures)
         paths = []
