@@ -28,6 +28,7 @@ from attn2d.costmodel.hardware import conf_path
 from attn2d.dtypes import short_name
 from attn2d.plan import experiment_config as compose
 from attn2d.plan import plan
+from attn2d.report.collect import BASELINE
 
 PAPER_EXPERIMENTS = ("a100_speedup", "a100_time_per_step", "h100_speedup")
 COLUMNS = ["hardware", "model", "gpus", "nodes", "grid", "seq_len", "algorithm", "step_time_s", "speedup_vs_ring"]
@@ -91,7 +92,7 @@ def project(cells: list[dict]) -> pd.DataFrame:
                for k, v in st.breakdown().items()},
         })
     df = pd.DataFrame(rows)
-    ring = df[df.algorithm == "ring"].set_index(["hardware", "model", "gpus", "seq_len"])["step_time_s"]
+    ring = df[df.algorithm == BASELINE].set_index(["hardware", "model", "gpus", "seq_len"])["step_time_s"]
     keys = pd.MultiIndex.from_frame(df[["hardware", "model", "gpus", "seq_len"]])
     df["speedup_vs_ring"] = ring.reindex(keys).to_numpy() / df.step_time_s.to_numpy()
     # against each Ring variant (the paper's baseline is NOT FOUND); vs_ring_s equals the ring cell's own time

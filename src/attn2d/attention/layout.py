@@ -31,13 +31,6 @@ LAYOUTS = ("cyclic", "contiguous", "zigzag", "full")
 CHUNKS_PER_RANK = {"cyclic": 1, "contiguous": 1, "zigzag": 2, "full": 1}  # seq_len must be a multiple of P x this
 
 
-def layout_multiple(layout: str, world: int) -> int:
-    """The number seq_len must be a multiple of for `layout` over `world` ranks (full: any seq_len)."""
-    if layout not in CHUNKS_PER_RANK:
-        raise ValueError(f"unknown layout {layout!r}; known layouts: {', '.join(LAYOUTS)}")
-    return 1 if layout == "full" else world * CHUNKS_PER_RANK[layout]
-
-
 def check_layout(seq_len: int, world: int, layout: str, where: str | None = None) -> None:
     """The one divisibility rule: every rank holds the same number of positions of `layout` (GridError naming the
     numbers and the nearest valid seq_len). `where` replaces "evenly over the <layout> layout of <world> ranks"."""

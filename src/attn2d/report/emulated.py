@@ -19,10 +19,10 @@ import pandas as pd
 from attn2d import records
 from attn2d.attention import get_attention
 from attn2d.distributed.emulate_model import validate_record
+from attn2d.report.collect import BASELINE
 from attn2d.report.figures import save_figure
 
 LABEL = "measured on an emulated network (tbf, R per node, no latency emulation)"
-BASELINE = "ring"  # the algorithm every speedup is over
 KEY = ["P", "grid", "nodes", "ranks_per_node", "nic", "rate", "placement", "seq_len"]
 TARGETS = {"time": 0.15, "wire": 0.10}  # median |step-time error|, max |wire-byte error|
 
