@@ -49,7 +49,7 @@ from attn2d.attention.local import local_attention
 from attn2d.distributed import ProcessGrid, count_comm
 from attn2d.distributed.comm import total_comm
 from attn2d.dtypes import TRAIN_DTYPES, as_dtype
-from attn2d.testing import OpCounter, run_distributed
+from attn2d.testing import OpCounter, run_distributed, wire_bytes
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import peer_rings  # noqa: E402  benchmarks/peer_rings.py, importable once its folder is on the path
@@ -223,7 +223,7 @@ def worker(rank: int, world: int, args, runs):
         q.grad = k.grad = v.grad = None
         calls.append((fwd, fwd_bwd))
         results.append(dict(check=check, fwd=c_fwd.as_dict(), all=c_all.as_dict(), ops_fwd=o_fwd.as_dict(),
-                            ops_bwd=o_bwd.as_dict(), t_fwd=[], t_all=[], c_fwd=[], c_all=[]))
+                            ops_bwd=o_bwd.as_dict(), wire=wire_bytes(fwd_bwd), t_fwd=[], t_all=[], c_fwd=[], c_all=[]))
     for fwd, fwd_bwd in calls:
         for _ in range(args.warmup):
             fwd()
@@ -293,6 +293,9 @@ def summarise(args, runs, per_rank) -> list[dict]:
         fwd = {k: max(r["fwd"][k] + r["ops_fwd"][k] for r in res) for k in ("bytes_sent", "messages")}
         full = {k: max(r["all"][k] + r["ops_fwd"][k] + r["ops_bwd"][k] for r in res)
                 for k in ("bytes_sent", "messages")}
+        counted_total = sum(r["all"]["bytes_sent"] + r["ops_fwd"]["bytes_sent"] + r["ops_bwd"]["bytes_sent"]
+                            for r in res)
+        wire = res[0]["wire"]  # machine-wide: every rank read the same counter
         med, lo, hi = _spread(t_fwd)
         med_all, lo_all, hi_all = _spread(t_all)
         rows_out.append(dict(
@@ -305,6 +308,8 @@ def summarise(args, runs, per_rank) -> list[dict]:
             cpu_fwd_s=statistics.median(c_fwd), cpu_fwd_bwd_s=statistics.median(c_all),
             bytes_fwd=fwd["bytes_sent"], msgs_fwd=fwd["messages"],
             bytes_fwd_bwd=full["bytes_sent"], msgs_fwd_bwd=full["messages"],
+            bytes_fwd_bwd_all_ranks=counted_total, wire_bytes_fwd_bwd_all_ranks=wire,
+            wire_vs_counted=wire / counted_total if wire is not None and counted_total else None,
             kernel_calls_fwd=max(r["ops_fwd"]["kernel_calls"] for r in res),
             kernel_calls_bwd=max(r["ops_bwd"]["kernel_calls"] for r in res),
             aten_ops_fwd=max(r["ops_fwd"]["aten_ops"] for r in res),
@@ -351,7 +356,8 @@ def table(rows_out) -> str:
     base = "sdpa" if any(r["algorithm"] == "sdpa" for r in rows_out) else "fastest_ring"
     head = (f"{'algorithm':<15} {'grid':>4} {'fwd ms (min-max)':>18} {'fwd+bwd ms (min-max)':>21} {'CPU ms':>7} "
             f"{'MB/rank fwd+bwd':>17} {'msgs':>9} {'kernels':>7} {'aten ops':>9} "
-            f"{('x sdpa' if base == 'sdpa' else 'x fastest'):>9} {'x ring':>7} {'x bytes':>7} {'err out/grad':>15}")
+            f"{'wire':>5} {('x sdpa' if base == 'sdpa' else 'x fastest'):>9} {'x ring':>7} {'x bytes':>7} "
+            f"{'err out/grad':>15}")
     lines = [head, "-" * len(head)]
     for r in rows_out:
         p = r["predicted"]
@@ -362,7 +368,7 @@ def table(rows_out) -> str:
             f"{ms(r['time_fwd_bwd_s']) + f' ({ms(lo2)}-{ms(hi2)})':>21} {ms(r['cpu_fwd_bwd_s']):>7} "
             f"{pair(r['bytes_fwd_bwd'], 'all_bytes', p, mb):>17} {pair(r['msgs_fwd_bwd'], 'all_msgs', p, str):>9} "
             f"{str(r['kernel_calls_fwd']) + '+' + str(r['kernel_calls_bwd']):>7} "
-            f"{str(r['aten_ops_fwd']) + '+' + str(r['aten_ops_bwd']):>9} "
+            f"{str(r['aten_ops_fwd']) + '+' + str(r['aten_ops_bwd']):>9} {ratio(r['wire_vs_counted']):>5} "
             f"{x(r['speedup_fwd_bwd_vs_' + base]):>9} {x(r['speedup_fwd_bwd_vs_ring']):>7} "
             f"{ratio(r['bytes_ratio_vs_ring']):>7} "
             f"{r['max_err_out']:.1e}/{r['max_err_grad']:.1e}{'' if r['check_ok'] else ' WRONG'}")
@@ -391,7 +397,9 @@ def main(argv=None) -> int:
     print("times: median (min-max) over interleaved rounds of --iters calls, max over ranks; CPU ms = fwd+bwd CPU "
           "time summed over the ranks (median); MB and messages per rank: counted / predicted by the algorithm's "
           "comm_ops (max over ranks; '!' marks a mismatch; peers: counted from torch's functional collectives); "
-          "kernels, aten ops: per forward + per backward (max over ranks); x bytes = fwd+bwd bytes / ring's; err = "
+          "kernels, aten ops: per forward + per backward (max over ranks); wire = loopback bytes sent during one "
+          "fwd+bwd / the counted bytes, both over all ranks (an independent check: about 1.00 when the count is the "
+          "traffic; headers and barriers add a little); x bytes = fwd+bwd bytes / ring's; err = "
           "max abs error of out and of dq/dk/dv vs single-device SDPA (WRONG: relative to the largest value "
           f">= {ERR_TOL[args.dtype]}).")
     print(f"(wall {time.perf_counter() - t0:.0f} s)")

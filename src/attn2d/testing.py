@@ -1,6 +1,7 @@
 """Run a function on N real gloo processes (spawned, file:// rendezvous) and collect each rank's result; the shared
-checks of the distributed-attention tests; counters of backend calls (counting_backend_calls) and of aten ops and
-torch's functional collectives (OpCounter). Used by the tests and the CPU benchmarks.
+checks of the distributed-attention tests; counters of backend calls (counting_backend_calls), of aten ops and
+torch's functional collectives (OpCounter) and of the bytes on the loopback wire (wire_bytes). Used by the tests
+and the CPU benchmarks.
 
 run_distributed: the function must be importable (module level) and picklable; it is called as
 fn(rank, world_size, *args) after the default process group is up, and its return value (anything torch.save can
@@ -76,6 +77,31 @@ def run_distributed(world_size: int, fn, *args, timeout_s: float = 120.0) -> lis
 
 
 # --- shared checks of the distributed-attention tests (test_attention2d, test_ring, test_attention2d_overlap) ---
+
+def loopback_bytes() -> int | None:
+    """Bytes sent over the loopback interface so far (Linux /proc/net/dev, machine-wide: gloo's TCP traffic between
+    ranks on one machine goes there), None where it cannot be read."""
+    try:
+        with open("/proc/net/dev") as f:
+            for line in f:
+                name, _, data = line.partition(":")
+                if name.strip() == "lo":
+                    return int(data.split()[8])  # transmit bytes
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def wire_bytes(fn) -> int | None:
+    """Loopback bytes sent by all ranks during one call of fn on every rank, between barriers (what the wire
+    carried, TCP/IP headers and the barriers' few bytes included): an independent check of comm's count."""
+    dist.barrier()
+    b0 = loopback_bytes()
+    fn()
+    dist.barrier()
+    b1 = loopback_bytes()
+    return None if b0 is None or b1 is None else b1 - b0
+
 
 def random_case(seed: int, shape: tuple, kv_heads: int | None = None, **fields) -> dict:
     """A test case: float64 q and dout of `shape` (B, N, H, D), k and v with `kv_heads` heads (None: H; fewer:

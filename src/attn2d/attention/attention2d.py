@@ -8,8 +8,6 @@ each row make the blocks independent. Derivation, byte algebra and message count
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -40,7 +38,7 @@ BWD_OPS = (OP_QDO_GATHER, OP_KV_GATHER_BWD, OP_DQ_SCATTER, OP_DKV_SCATTER, OP_DK
 
 # ---------------------------------------------------------------------------------------------- layout helpers
 def _to_position_order(blocks: torch.Tensor) -> torch.Tensor:
-    """Gathered blocks (G, ..., B, n, H, D) from group ranks i -> (..., B, n*G, H, D) with row m = j*G + i.
+    """Gathered blocks (G, ..., B, n, H, D) from group ranks i -> (..., B, n*G, H, D) with row m = j*G + i (one copy).
 
     Block i row j of a row gather is position r + (i + j*C)*R, of a column gather c + (i + j*R)*C: in both cases
     sorted index m = j*G + i."""
@@ -55,35 +53,29 @@ def _lse_to_position_order(blocks: torch.Tensor) -> torch.Tensor:
     return blocks.permute(1, 2, 3, 0).reshape(b, h, n * g)  # (B, H, n*G)
 
 
-def _unpack(buf: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """comm.unpack of a row of a gathered uint8 buffer; copies the row first when its start is not aligned for
-    the widest dtype (torch cannot view misaligned bytes as float). `like` is ordered widest dtype first."""
-    if buf.storage_offset() % max(t.element_size() for t in like):
-        buf = buf.clone()
-    return comm.unpack(buf, like)
+def _to_owner_blocks(x: torch.Tensor, g: int, dim: int) -> torch.Tensor:
+    """Inverse of the position order, as a view: x with `dim` of size n*G (row m = j*G + i) -> (G, ..., n, ...),
+    block i = the rows m = i mod G (those of group rank i)."""
+    return x.unflatten(dim, (x.shape[dim] // g, g)).movedim(dim + 1, 0)
 
 
 # ---------------------------------------------------------------------------------------------- steps
-def _permute_kv(k_p: torch.Tensor, v_p: torch.Tensor, grid: ProcessGrid) -> tuple[torch.Tensor, torch.Tensor]:
-    """Algorithm 1 L1 (Sec. 3.2): common.permute_kv (column -> row-major cyclic) with K and V packed in one
-    message."""
-    if not kv_moves(grid.row, grid.col, grid.rows, grid.cols):  # fixed point (diagonal, 1-D grids): no copy
-        return k_p, v_p
-    buf = permute_kv(comm.pack([k_p, v_p]), grid, op=OP_KV_PERMUTE)
-    k_t, v_t = comm.unpack(buf, [k_p, v_p])  # (B, N/P, H, D) each: positions c + r*C + j*P
-    return k_t, v_t
+def _permute_kv(k_p: torch.Tensor, v_p: torch.Tensor, grid: ProcessGrid) -> torch.Tensor:
+    """Algorithm 1 L1 (Sec. 3.2): common.permute_kv (column -> row-major cyclic) of K and V stacked in one
+    buffer -> kv_t (2, B, N/P, H, D), positions c + r*C + j*P; the buffer the column gather sends as it is."""
+    kv = torch.stack([k_p, v_p])  # (2, B, N/P, H, D)
+    if not kv_moves(grid.row, grid.col, grid.rows, grid.cols):  # fixed point (diagonal, 1-D grids)
+        return kv
+    return permute_kv(kv, grid, op=OP_KV_PERMUTE)
 
 
-def gather_kv(k_t: torch.Tensor, v_t: torch.Tensor, grid: ProcessGrid,
-              op: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Algorithm 1 L3: column all-gather of the stacked (k_t, v_t) -> k_g, v_g, positions Span(c, C, N/C).
-    A column of one rank (R = 1) gathers nothing: k_t, v_t themselves (no stacking copy)."""
+def gather_kv(kv_t: torch.Tensor, grid: ProcessGrid, op: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Algorithm 1 L3: column all-gather of kv_t (2, B, N/P, H, D) -> k_g, v_g (B, N/C, H, D), positions
+    Span(c, C, N/C), with one reordering copy; a column of one rank (R = 1) gathers nothing (views of kv_t)."""
     if grid.rows == 1:
-        return k_t, v_t
-    kv_t = torch.stack([k_t, v_t]).unsqueeze(0)  # (1, 2, B, N/P, H, D)
-    kv_g = comm.all_gather(kv_t, grid.col_group, dim=0, op=op)  # (R, 2, B, N/P, H, D)
-    k_g, v_g = _to_position_order(kv_g).unbind(0)  # (B, N/C, H, D) each
-    return k_g, v_g
+        return kv_t.unbind(0)
+    kv_g = comm.all_gather_blocks(kv_t, grid.col_group, op=op)  # (R, 2, B, N/P, H, D)
+    return _to_position_order(kv_g).unbind(0)  # (B, N/C, H, D) each
 
 
 def row_reduce_scatter(out_g: torch.Tensor, lse_g: torch.Tensor,
@@ -96,14 +88,11 @@ def row_reduce_scatter(out_g: torch.Tensor, lse_g: torch.Tensor,
     cols = grid.cols
     if cols == 1:
         return out_g, lse_g
-    b, lq, h, d = out_g.shape
-    out_blocks = out_g.reshape(b, lq // cols, cols, h, d)  # (B, N/P, C, H, D): row m = j*C + c' -> p(r, c')
-    lse_blocks = lse_g.reshape(b, h, lq // cols, cols)  # (B, H, N/P, C)
-    like = [lse_blocks[..., 0], out_blocks[:, :, 0]]  # widest dtype first (lse is fp32/fp64)
-    sends = [comm.pack([lse_blocks[..., i], out_blocks[:, :, i]]) for i in range(cols)]
-    received = comm.all_to_all(sends, grid.row_group, op=OP_OUT_SCATTER)  # C x packed partials of my rows
-    parts = [_unpack(buf, like) for buf in received]
-    return merge.merge_partials([o for _, o in parts], [l for l, _ in parts])
+    parts = [_to_owner_blocks(lse_g, cols, 2), _to_owner_blocks(out_g, cols, 1)]  # (C, B, H, N/P), (C, B, N/P, H, D)
+    send = comm.pack_blocks(parts)  # (C, bytes): lse first (the widest dtype), one copy of each
+    received = comm.all_to_all_blocks(send, grid.row_group, op=OP_OUT_SCATTER)  # (C, bytes): partials of my rows
+    lse_c, out_c = comm.unpack_blocks(received, [p[0] for p in parts])  # (C, B, H, N/P), (C, B, N/P, H, D)
+    return merge.merge_partials(out_c, lse_c)
 
 
 def _spans(grid: ProcessGrid, seq_len: int) -> tuple[Span, Span]:
@@ -111,18 +100,16 @@ def _spans(grid: ProcessGrid, seq_len: int) -> tuple[Span, Span]:
     return Span(grid.row, grid.rows, seq_len // grid.rows), Span(grid.col, grid.cols, seq_len // grid.cols)
 
 
-def _scatter_dkv(dk_g, dv_g, k_t, grid: ProcessGrid):
+def _scatter_dkv(dk_g, dv_g, grid: ProcessGrid):
     """B5 + B6 of the backward: column reduce-scatter of (dk_g, dv_g) (B, N/C, H_kv, D) to the row-major owners,
     then the inverse of Alg. 1 L1 -> (dk_p, dv_p) in the cyclic layout. A column of one rank (R = 1, where the
     permutation is the identity too) has nothing to move: dk_g, dv_g as they are."""
     rows = grid.rows
     if rows == 1 and not kv_moves(grid.row, grid.col, rows, grid.cols):
         return dk_g, dv_g
-    b, n, d = k_t.shape[0], k_t.shape[1], k_t.shape[3]
-    # B5: column reduce-scatter of (dk, dv): key m = j*R + r' of k_g belongs to p(r', c) (row-major layout)
-    dkv_blocks = torch.stack([dk_g, dv_g]).reshape(2, b, n, rows, k_t.shape[2], d)  # (2, B, N/P, R, H_kv, D)
-    dkv_t = comm.reduce_scatter([dkv_blocks[:, :, :, i] for i in range(rows)], grid.col_group,
-                                op=OP_DKV_SCATTER)  # (2, B, N/P, H, D)
+    # B5: key m = j*R + r' of k_g belongs to p(r', c) (row-major layout); one copy into the send buffer
+    dkv_blocks = torch.stack([_to_owner_blocks(dk_g, rows, 1), _to_owner_blocks(dv_g, rows, 1)], 1)
+    dkv_t = comm.reduce_scatter(dkv_blocks, grid.col_group, op=OP_DKV_SCATTER)  # (2, B, N/P, H, D)
     # B6: inverse of Alg. 1 L1: back to the column-major cyclic layout
     dkv_p = permute_kv(dkv_t, grid, op=OP_DKV_PERMUTE, inverse=True)  # (2, B, N/P, H, D)
     dk_p, dv_p = dkv_p.unbind(0)
@@ -130,46 +117,44 @@ def _scatter_dkv(dk_g, dv_g, k_t, grid: ProcessGrid):
 
 
 def attention2d_forward(q_p, k_p, v_p, grid: ProcessGrid, causal: bool):
-    """Algorithm 1 (Sec. 3.2) with Algorithm 7: returns out_p (B, N/P, H, D) in q's dtype, lse_p, k_t, v_t."""
+    """Algorithm 1 (Sec. 3.2) with Algorithm 7: returns out_p (B, N/P, H, D) in q's dtype, lse_p and kv_t
+    (2, B, N/P, H, D), the row-major K/V the backward gathers again."""
     seq_len = q_p.shape[1] * grid.size
-    k_t, v_t = _permute_kv(k_p, v_p, grid)  # Alg. 1 L1: (B, N/P, H, D) each
-    q_g = _to_position_order(comm.all_gather(q_p.unsqueeze(0), grid.row_group, dim=0, op=OP_Q_GATHER))
+    kv_t = _permute_kv(k_p, v_p, grid)  # Alg. 1 L1: (2, B, N/P, H, D)
+    q_g = _to_position_order(comm.all_gather_blocks(q_p, grid.row_group, op=OP_Q_GATHER))
     # q_g: (B, N/R, H, D), Alg. 1 L2
-    k_g, v_g = gather_kv(k_t, v_t, grid, op=OP_KV_GATHER)  # Alg. 1 L3: (B, N/C, H, D) each
+    k_g, v_g = gather_kv(kv_t, grid, op=OP_KV_GATHER)  # Alg. 1 L3: (B, N/C, H, D) each
     q_pos, k_pos = _spans(grid, seq_len)
     out_g, lse_g = kernels.attn_forward(q_g, k_g, v_g, causal=causal, q_pos=q_pos, k_pos=k_pos)  # Alg. 1 L4
     out_p, lse_p = row_reduce_scatter(out_g, lse_g, grid)  # Alg. 7: (B, N/P, H, D), (B, H, N/P)
-    return out_p.to(q_p.dtype), lse_p, k_t, v_t
+    return out_p.to(q_p.dtype), lse_p, kv_t
 
 
-def attention2d_backward(dout_p, q_p, k_t, v_t, out_p, lse_p, grid: ProcessGrid, causal: bool):
+def attention2d_backward(dout_p, q_p, kv_t, out_p, lse_p, grid: ProcessGrid, causal: bool):
     """Backward of Attention2D-NO (B0-B6, docs/algorithms.md#attention2d-no): (dq_p, dk_p, dv_p) in the
     accumulation dtype."""
-    b, n, h, d = q_p.shape
-    seq_len, cols = n * grid.size, grid.cols
+    seq_len, cols = q_p.shape[1] * grid.size, grid.cols
     q_pos, k_pos = _spans(grid, seq_len)
     if cols == 1:  # a row of one rank: its rows are the whole block row; out is here, no delta, nothing to scatter
-        k_g, v_g = gather_kv(k_t, v_t, grid, op=OP_KV_GATHER_BWD)  # B2: (B, N, H, D) on a 1 x 1 grid
+        k_g, v_g = gather_kv(kv_t, grid, op=OP_KV_GATHER_BWD)  # B2: (B, N, H, D) on a 1 x 1 grid
         dq_p, dk_g, dv_g = kernels.attn_backward(dout_p, q_p, k_g, v_g, out_p, lse_p, causal=causal, q_pos=q_pos,
                                                  k_pos=k_pos)  # B3
-        return (dq_p, *_scatter_dkv(dk_g, dv_g, k_t, grid))  # B5, B6
+        return (dq_p, *_scatter_dkv(dk_g, dv_g, grid))  # B5, B6
     delta_p = kernels.row_delta(dout_p, out_p)  # B0: rowsum(dout * out) of this rank's rows, (B, H, N/P) fp32
     # B1: one row all-gather of (lse, delta, q, dout), widest dtype first
     like = [lse_p, delta_p, q_p, dout_p]
-    buf = comm.pack(like).unsqueeze(0)  # (1, bytes)
-    gathered = comm.all_gather(buf, grid.row_group, dim=0, op=OP_QDO_GATHER)  # (C, bytes)
-    parts = [_unpack(row, like) for row in gathered.unbind(0)]
-    lse_g, delta_g = (_lse_to_position_order(torch.stack([p[i] for p in parts])) for i in (0, 1))  # (B, H, N/R)
-    q_g, do_g = _to_position_order(torch.stack([torch.stack(p[2:]) for p in parts])).unbind(0)  # (B, N/R, H, D)
+    gathered = comm.all_gather_blocks(comm.pack(like), grid.row_group, op=OP_QDO_GATHER)  # (C, bytes)
+    lse_c, delta_c, q_c, do_c = comm.unpack_blocks(gathered, like)  # (C, B, H, N/P) x 2, (C, B, N/P, H, D) x 2
+    lse_g, delta_g = _lse_to_position_order(lse_c), _lse_to_position_order(delta_c)  # (B, H, N/R)
+    q_g, do_g = _to_position_order(q_c), _to_position_order(do_c)  # (B, N/R, H, D)
     # B2: K/V column all-gather again
-    k_g, v_g = gather_kv(k_t, v_t, grid, op=OP_KV_GATHER_BWD)  # (B, N/C, H, D) each
+    k_g, v_g = gather_kv(kv_t, grid, op=OP_KV_GATHER_BWD)  # (B, N/C, H, D) each
     # B3: the local block backward with the global lse and delta of the rows
     dq_g, dk_g, dv_g = kernels.attn_backward(do_g, q_g, k_g, v_g, None, lse_g, delta=delta_g, causal=causal,
                                              q_pos=q_pos, k_pos=k_pos)
-    # B4: row reduce-scatter of dq: row m = j*C + c' of q_g belongs to p(r, c')
-    dq_blocks = dq_g.reshape(b, n, cols, h, d)  # (B, N/P, C, H, D)
-    dq_p = comm.reduce_scatter([dq_blocks[:, :, i] for i in range(cols)], grid.row_group, op=OP_DQ_SCATTER)
-    return (dq_p, *_scatter_dkv(dk_g, dv_g, k_t, grid))  # B5, B6
+    # B4: row reduce-scatter of dq: row m = j*C + c' of q_g belongs to p(r, c'); one copy into the send buffer
+    dq_p = comm.reduce_scatter(_to_owner_blocks(dq_g, cols, 1), grid.row_group, op=OP_DQ_SCATTER)
+    return (dq_p, *_scatter_dkv(dk_g, dv_g, grid))  # B5, B6
 
 
 class Attention2DFunction(torch.autograd.Function):
@@ -177,8 +162,8 @@ class Attention2DFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q_p, k_p, v_p, grid: ProcessGrid, causal: bool):
-        out_p, lse_p, k_t, v_t = attention2d_forward(q_p, k_p, v_p, grid, causal)
-        ctx.save_for_backward(q_p, k_t, v_t, out_p, lse_p)  # SAVEFORBACKPROP: 1/P shards only
+        out_p, lse_p, kv_t = attention2d_forward(q_p, k_p, v_p, grid, causal)
+        ctx.save_for_backward(q_p, kv_t, out_p, lse_p)  # SAVEFORBACKPROP: 1/P shards only
         ctx.grid, ctx.causal = grid, causal
         ctx.dtypes = (q_p.dtype, k_p.dtype, v_p.dtype)
         return out_p
@@ -186,8 +171,8 @@ class Attention2DFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dout_p):
-        q_p, k_t, v_t, out_p, lse_p = ctx.saved_tensors
-        dq, dk, dv = attention2d_backward(dout_p.to(q_p.dtype), q_p, k_t, v_t, out_p, lse_p, ctx.grid, ctx.causal)
+        q_p, kv_t, out_p, lse_p = ctx.saved_tensors
+        dq, dk, dv = attention2d_backward(dout_p.to(q_p.dtype), q_p, kv_t, out_p, lse_p, ctx.grid, ctx.causal)
         dq_t, dk_t, dv_t = ctx.dtypes
         return dq.to(dq_t), dk.to(dk_t), dv.to(dv_t), None, None
 

@@ -30,14 +30,17 @@ def attn_fix(m1, num1, den1, m2, num2, den2):
 def merge_partials(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge k partial results in one fp32 pass.
 
-    outs[i]: (B, L, H, D) normalised partial outputs; lses[i]: (B, H, L) float32 natural-log sum-exp (-inf = empty).
+    outs[i]: (B, L, H, D) normalised partial outputs; lses[i]: (B, H, L) float32 natural-log sum-exp (-inf = empty);
+    either may be one stacked (k, ...) tensor.
     Returns out (B, L, H, D) and lse (B, H, L) in float32 (float64 if any input is float64)."""
     acc = torch.float64 if any(t.dtype == torch.float64 for t in (*outs, *lses)) else torch.float32
     lse_all = torch.stack([l.to(acc) for l in lses])  # (k, B, H, L)
     lse = torch.logsumexp(lse_all, dim=0)  # (B, H, L); -inf where every partial is empty
     lse_safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-    w = torch.exp(lse_all - lse_safe)  # (k, B, H, L); 0 for empty partials
-    out = sum(wi.transpose(1, 2).unsqueeze(-1) * o.to(acc) for wi, o in zip(w, outs))  # (B, L, H, D)
+    w = torch.exp(lse_all - lse_safe).transpose(2, 3).unsqueeze(-1)  # (k, B, L, H, 1); 0 for empty partials
+    out = w[0] * outs[0].to(acc)  # (B, L, H, D)
+    for wi, o in zip(w[1:], outs[1:]):
+        out.addcmul_(wi, o.to(acc))
     return out, lse
 
 

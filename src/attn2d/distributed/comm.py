@@ -3,7 +3,9 @@
 Counting convention (per rank, what the analytic formulas in the algorithm modules predict):
 - all_gather of a block of b bytes over a group of g ranks: sent = received = (g - 1) * b, messages = g - 1
   (what a ring or direct algorithm moves per device; NCCL and gloo move the same volume).
-- reduce_scatter of g blocks of b bytes each: sent = received = (g - 1) * b, messages = g - 1.
+- reduce_scatter of g blocks of b bytes each: sent = received = (g - 1) * b, messages = g - 1. On gloo it runs
+  as an all_to_all and a local sum, since gloo's own reduce_scatter all-reduces the whole g * b buffer (twice
+  these bytes on the wire: the "wire" column of benchmarks/bench_attention.py, tests/test_foundation.py).
 - all_to_all: sent = bytes of the blocks addressed to other ranks, received = bytes from other ranks,
   messages = number of non-empty blocks sent to other ranks.
 - point-to-point: each isend counts its bytes and one message; each irecv counts its bytes received.
@@ -109,6 +111,11 @@ def group_size(group: dist.ProcessGroup | None) -> int:
     return dist.get_world_size(group) if dist.is_initialized() else 1
 
 
+def _is_gloo(group: dist.ProcessGroup | None, device: torch.device) -> bool:
+    """True if a collective on `group` with tensors on `device` runs on gloo (a CPU tensor and a gloo backend)."""
+    return device.type == "cpu" and "gloo" in str(dist.get_backend(group))
+
+
 # ---------------------------------------------------------------------------------------------- packing
 def pack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Concatenate tensors of any dtypes into one flat uint8 buffer (one message instead of several)."""
@@ -127,54 +134,118 @@ def unpack(buf: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor
     return out
 
 
+def unpack_blocks(buf: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """`unpack` of every row of a (g, bytes) buffer at once: [(g, *like_i.shape) tensors in like_i's dtype], views
+    of buf (a part whose offset in the row is not aligned for its dtype is copied first)."""
+    out, offset, g = [], 0, buf.shape[0]
+    for t in like:
+        n, size = _nbytes(t), t.element_size()
+        part = buf[:, offset : offset + n]  # (g, n) bytes
+        if part.storage_offset() % size or buf.stride(0) % size:
+            part = part.contiguous()
+        out.append(part.view(t.dtype).view(g, *t.shape))
+        offset += n
+    if offset != buf.shape[1]:
+        raise ValueError(f"unpack_blocks: rows have {buf.shape[1]} bytes but the templates need {offset}")
+    return out
+
+
+def pack_blocks(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The (g, bytes) uint8 buffer whose row j is pack([p[j] for p in parts]), from parts (g, *shape_i) of any
+    dtypes and strides, with one copy per part: the send buffer of a collective moving several tensors per
+    peer in one message."""
+    g, like = parts[0].shape[0], [p[0] for p in parts]
+    buf = torch.empty(g, sum(_nbytes(t) for t in like), dtype=torch.uint8, device=parts[0].device)
+    views = unpack_blocks(buf, like)
+    if not all(v.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr() for v in views):
+        return torch.stack([pack([p[j] for p in parts]) for j in range(g)])  # a part not aligned in the row
+    for p, dst in zip(parts, views):
+        dst.copy_(p)
+    return buf
+
+
 # ---------------------------------------------------------------------------------------------- collectives
-def all_gather(x: torch.Tensor, group: dist.ProcessGroup | None, dim: int = 0, op: str = "all_gather") -> torch.Tensor:
-    """Concatenate every rank's `x` along `dim`, in group-rank order."""
+def all_gather_blocks(x: torch.Tensor, group: dist.ProcessGroup | None, op: str = "all_gather") -> torch.Tensor:
+    """Every rank's `x` stacked in group-rank order: (g, *x.shape), the collective's own output buffer (no copy
+    after the collective; a caller that reorders the rows does its one copy from here)."""
     g = group_size(group)
     if g == 1:
-        return x
+        return x.unsqueeze(0)
     x = x.contiguous()
     out = torch.empty(g * x.numel(), dtype=x.dtype, device=x.device)  # (g * numel,)
     with guarded(op, group):
         _ALL_GATHER(out, x.reshape(-1), group=group)
-    out = out.view(g, *x.shape)  # (g, *x.shape)
     _record(op, (g - 1) * _nbytes(x), (g - 1) * _nbytes(x), g - 1)
-    return torch.cat(out.unbind(0), dim=dim)  # x.shape with dim scaled by g
+    return out.view(g, *x.shape)  # (g, *x.shape)
 
 
-def reduce_scatter(blocks: Sequence[torch.Tensor], group: dist.ProcessGroup | None,
+def all_gather(x: torch.Tensor, group: dist.ProcessGroup | None, dim: int = 0, op: str = "all_gather") -> torch.Tensor:
+    """Concatenate every rank's `x` along `dim`, in group-rank order (dim 0: a view of the output buffer)."""
+    if group_size(group) == 1:
+        return x
+    blocks = all_gather_blocks(x, group, op)  # (g, *x.shape)
+    if dim == 0:
+        return blocks.view(-1, *x.shape[1:])
+    return torch.cat(blocks.unbind(0), dim=dim)  # x.shape with dim scaled by g
+
+
+def _stacked(blocks: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+    """g blocks of one shape as one contiguous (g, *block) buffer: a stacked tensor (any strides) is copied at
+    most once, a sequence is stacked (one copy)."""
+    if isinstance(blocks, torch.Tensor):
+        return blocks.contiguous()
+    return torch.stack(list(blocks))
+
+
+def reduce_scatter(blocks: Sequence[torch.Tensor] | torch.Tensor, group: dist.ProcessGroup | None,
                    op: str = "reduce_scatter") -> torch.Tensor:
-    """Sum over ranks of blocks[my_rank]: rank i receives sum_j blocks_j[i]. All blocks have one shape."""
+    """Sum over ranks of blocks[my_rank]: rank i receives sum_j blocks_j[i]. All blocks have one shape; `blocks`
+    may be one (g, *block) tensor of any strides (copied once into the send buffer)."""
     g = group_size(group)
     if len(blocks) != g:
         raise ValueError(f"reduce_scatter needs {g} blocks (one per rank of the group), got {len(blocks)}")
     if g == 1:
         return blocks[0].clone()
-    inp = torch.stack([b.contiguous() for b in blocks]).reshape(-1)  # (g * numel,)
-    out = torch.empty_like(blocks[0], memory_format=torch.contiguous_format)
+    inp = _stacked(blocks)  # (g, *block)
+    out = torch.empty(inp.shape[1:], dtype=inp.dtype, device=inp.device)  # (*block)
     with guarded(op, group):
-        _REDUCE_SCATTER(out.view(-1), inp, group=group)
+        if _is_gloo(group, inp.device):  # gloo's reduce_scatter is an all_reduce of all g blocks: twice the bytes
+            received = torch.empty_like(inp)  # (g, *block): block i from rank i
+            dist.all_to_all_single(received, inp, group=group)
+            torch.sum(received, 0, out=out)
+        else:
+            _REDUCE_SCATTER(out.view(-1), inp.view(-1), group=group)
     _record(op, (g - 1) * _nbytes(out), (g - 1) * _nbytes(out), g - 1)
+    return out
+
+
+def all_to_all_blocks(x: torch.Tensor, group: dist.ProcessGroup | None, op: str = "all_to_all") -> torch.Tensor:
+    """x (g, *block), any strides: x[j] goes to rank j; returns (g, *block), row i received from rank i (x is
+    copied once into the send buffer unless contiguous). Every rank passes the same shape and dtype."""
+    g = group_size(group)
+    if x.shape[0] != g:
+        raise ValueError(f"all_to_all needs {g} blocks (one per rank of the group), got {x.shape[0]}")
+    if g == 1:
+        return x
+    inp = x.contiguous()  # (g, *block)
+    out = torch.empty_like(inp)
+    with guarded(op, group):
+        dist.all_to_all_single(out, inp, group=group)
+    b = _nbytes(inp[0])
+    _record(op, (g - 1) * b, (g - 1) * b, g - 1 if b else 0)
     return out
 
 
 def all_to_all(blocks: Sequence[torch.Tensor], group: dist.ProcessGroup | None,
                op: str = "all_to_all") -> list[torch.Tensor]:
-    """blocks[j] goes to rank j; returns the list of blocks received, indexed by source rank.
-
-    Every block must have the same shape and dtype on every rank (what the attention code needs)."""
+    """blocks[j] goes to rank j; returns the list of blocks received, indexed by source rank (all_to_all_blocks
+    of the stacked blocks)."""
     g = group_size(group)
     if len(blocks) != g:
         raise ValueError(f"all_to_all needs {g} blocks (one per rank of the group), got {len(blocks)}")
     if g == 1:
         return [blocks[0]]
-    inp = torch.stack([b.contiguous() for b in blocks])  # (g, *block)
-    out = torch.empty_like(inp)
-    with guarded(op, group):
-        dist.all_to_all_single(out, inp, group=group)
-    b = _nbytes(blocks[0])
-    _record(op, (g - 1) * b, (g - 1) * b, g - 1 if b else 0)
-    return list(out.unbind(0))
+    return list(all_to_all_blocks(torch.stack(list(blocks)), group, op).unbind(0))
 
 
 # ---------------------------------------------------------------------------------------------- point to point
