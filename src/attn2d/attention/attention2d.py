@@ -60,20 +60,23 @@ def _to_owner_blocks(x: torch.Tensor, g: int, dim: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- steps
-def _permute_kv(k_p: torch.Tensor, v_p: torch.Tensor, grid: ProcessGrid) -> torch.Tensor:
+def _permute_kv(k_p: torch.Tensor, v_p: torch.Tensor, grid: ProcessGrid) -> torch.Tensor | tuple:
     """Algorithm 1 L1 (Sec. 3.2): common.permute_kv (column -> row-major cyclic) of K and V stacked in one
-    buffer -> kv_t (2, B, N/P, H, D), positions c + r*C + j*P; the buffer the column gather sends as it is."""
+    buffer -> kv_t (2, B, N/P, H, D), positions c + r*C + j*P; the buffer the column gather sends as it is.
+    A column of one rank (R = 1: no permutation, no gather) keeps the pair (k_p, v_p) as it is (no copy)."""
+    if grid.rows == 1:
+        return k_p, v_p
     kv = torch.stack([k_p, v_p])  # (2, B, N/P, H, D)
     if not kv_moves(grid.row, grid.col, grid.rows, grid.cols):  # fixed point (diagonal, 1-D grids)
         return kv
     return permute_kv(kv, grid, op=OP_KV_PERMUTE)
 
 
-def gather_kv(kv_t: torch.Tensor, grid: ProcessGrid, op: str) -> tuple[torch.Tensor, torch.Tensor]:
+def gather_kv(kv_t, grid: ProcessGrid, op: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Algorithm 1 L3: column all-gather of kv_t (2, B, N/P, H, D) -> k_g, v_g (B, N/C, H, D), positions
-    Span(c, C, N/C), with one reordering copy; a column of one rank (R = 1) gathers nothing (views of kv_t)."""
+    Span(c, C, N/C), with one reordering copy; a column of one rank (R = 1) gathers nothing (kv_t's pair)."""
     if grid.rows == 1:
-        return kv_t.unbind(0)
+        return tuple(kv_t)
     kv_g = comm.all_gather_blocks(kv_t, grid.col_group, op=op)  # (R, 2, B, N/P, H, D)
     return _to_position_order(kv_g).unbind(0)  # (B, N/C, H, D) each
 
@@ -118,7 +121,7 @@ def _scatter_dkv(dk_g, dv_g, grid: ProcessGrid):
 
 def attention2d_forward(q_p, k_p, v_p, grid: ProcessGrid, causal: bool):
     """Algorithm 1 (Sec. 3.2) with Algorithm 7: returns out_p (B, N/P, H, D) in q's dtype, lse_p and kv_t
-    (2, B, N/P, H, D), the row-major K/V the backward gathers again."""
+    (2, B, N/P, H, D; the pair k, v on a 1 x C grid), the row-major K/V the backward gathers again."""
     seq_len = q_p.shape[1] * grid.size
     kv_t = _permute_kv(k_p, v_p, grid)  # Alg. 1 L1: (2, B, N/P, H, D)
     q_g = _to_position_order(comm.all_gather_blocks(q_p, grid.row_group, op=OP_Q_GATHER))
@@ -163,7 +166,8 @@ class Attention2DFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q_p, k_p, v_p, grid: ProcessGrid, causal: bool):
         out_p, lse_p, kv_t = attention2d_forward(q_p, k_p, v_p, grid, causal)
-        ctx.save_for_backward(q_p, kv_t, out_p, lse_p)  # SAVEFORBACKPROP: 1/P shards only
+        kv = (kv_t,) if isinstance(kv_t, torch.Tensor) else kv_t  # the stacked buffer, or the pair of a 1-rank column
+        ctx.save_for_backward(q_p, out_p, lse_p, *kv)  # SAVEFORBACKPROP: 1/P shards only
         ctx.grid, ctx.causal = grid, causal
         ctx.dtypes = (q_p.dtype, k_p.dtype, v_p.dtype)
         return out_p
@@ -171,7 +175,8 @@ class Attention2DFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dout_p):
-        q_p, kv_t, out_p, lse_p = ctx.saved_tensors
+        q_p, out_p, lse_p, *kv = ctx.saved_tensors
+        kv_t = kv[0] if len(kv) == 1 else tuple(kv)
         dq, dk, dv = attention2d_backward(dout_p.to(q_p.dtype), q_p, kv_t, out_p, lse_p, ctx.grid, ctx.causal)
         dq_t, dk_t, dv_t = ctx.dtypes
         return dq.to(dq_t), dk.to(dk_t), dv.to(dv_t), None, None
