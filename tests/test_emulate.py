@@ -17,7 +17,14 @@ from attn2d.config import ConfigError, compose, validate
 from attn2d.costmodel import Workload, load_model
 from attn2d.distributed import emulate, netns, wire
 from attn2d.distributed.comm import CommOp
-from attn2d.distributed.emulate_model import TCP_PAYLOAD, emulated_hardware, gloo_ops, predicted_node_tx, step_ops
+from attn2d.distributed.emulate_model import (
+    FSDP_GRAD_SCATTER,
+    TCP_PAYLOAD,
+    emulated_hardware,
+    gloo_ops,
+    predicted_node_tx,
+    step_ops,
+)
 from attn2d.distributed.netns import Cluster, list_namespaces, rate_bytes_per_s
 from attn2d.report import emulated
 
@@ -198,8 +205,8 @@ def test_placement_setting_is_validated():
 
 def test_emulated_profile_and_wire_prediction_follow_the_placement():
     """The profile is the configured rate (x TCP payload share), not a fit; wire bytes per node come from the op
-    edges that leave a node: Ring on 2 nodes x 2 ranks sends only ranks 1 -> 2 and 3 -> 0 off-node; gloo's
-    reduce_scatter is priced at twice its logical bytes."""
+    edges that leave a node: Ring on 2 nodes x 2 ranks sends only ranks 1 -> 2 and 3 -> 0 off-node; FSDP's
+    reduce_scatter, which calls gloo's own (an all-reduce), is priced at twice its logical bytes."""
     hw = emulated_hardware("80mbit", "rails", 4)
     assert hw.inter_rank_bw_bytes_per_s == pytest.approx(1e7 * TCP_PAYLOAD)
     assert hw.inter.bw_bytes_per_s == pytest.approx(4e7 * TCP_PAYLOAD) and hw.gpus_per_node == 4
@@ -210,8 +217,9 @@ def test_emulated_profile_and_wire_prediction_follow_the_placement():
     per_rank = sum(op.bytes_sent * t for op, t, *_ in step_ops("ring", shape, wl, 2, 2))
     assert one == pytest.approx({k: per_rank for k in range(4)})
     assert two == pytest.approx({0: per_rank, 1: per_rank})  # one ring edge out of each node
-    rs = CommOp("bwd", "x", "reduce_scatter", "row", 2, 100, 100, 1, 1)
-    assert gloo_ops([rs])[0].bytes_sent == 200
+    rs = CommOp("bwd", "x", "reduce_scatter", "row", 2, 100, 100, 1, 1)  # ours: an all_to_all on gloo
+    fsdp = CommOp("grad", FSDP_GRAD_SCATTER, "reduce_scatter", "world", 2, 100, 100, 1, 1)  # torch's, through gloo
+    assert [op.bytes_sent for op in gloo_ops([rs, fsdp])] == [100, 200]
 
 
 def test_report_says_why_it_was_skipped(tmp_path):

@@ -5,8 +5,9 @@ link rate (nothing fitted to the emulated timings), what gloo puts on the wire, 
   loopback) with the node network replaced by the shaper's rate: per NIC rate/8 x TCP_PAYLOAD (the share of a
   1514-byte Ethernet frame that is TCP payload, 1448 bytes with timestamps); a node has one NIC (shared) or one per
   rank (rails). No latency is emulated, so the inter-node alpha is 0.
-- gloo's reduce_scatter reduces like an all-reduce and sends about twice the logical bytes (measured: counted
-  13.7 MB, wire 16.9 MB for attn2d at P = 9): priced and predicted with GLOO_WIRE_FACTOR.
+- gloo's own reduce_scatter is an all-reduce of the whole buffer and sends twice the logical bytes. Our
+  reduce-scatters go as an all_to_all on gloo (attn2d.distributed.comm), so only torch FSDP's gradient
+  reduce-scatter, which calls gloo directly, is priced and predicted at twice its bytes (GLOO_WIRE_FACTOR).
 - Wire bytes: the bytes of every op edge (attn2d.costmodel.op_edges) between ranks on different nodes
   (attn2d.distributed.placement), summed per sending node. veth counts GSO super-packets (headers once per up to
   64 KiB), so its counters are the payload within about 1%; tbf charges every segment's headers, hence the
@@ -29,13 +30,14 @@ from attn2d.costmodel import (
     op_edges,
     step_time,
 )
+from attn2d.distributed.fsdp_counter import SCATTER as FSDP_GRAD_SCATTER
 from attn2d.distributed.netns import rate_bytes_per_s
 from attn2d.distributed.placement import rank_nodes
 from attn2d.dtypes import acc_dtype
 from attn2d.model import GPTConfig
 
 TCP_PAYLOAD = 1448 / 1514  # payload bytes per Ethernet frame byte (MSS 1448 with TCP timestamps, MTU 1500)
-GLOO_WIRE_FACTOR = {"reduce_scatter": 2.0}  # bytes gloo sends / bytes the op logically moves
+GLOO_WIRE_FACTOR = {FSDP_GRAD_SCATTER: 2.0}  # by op name: bytes gloo sends / bytes the op logically moves
 
 
 def emulated_hardware(rate: str, nic: str, ranks_per_node: int, placement="row", base: str = "local_cpu") -> Hardware:
@@ -51,10 +53,10 @@ def emulated_hardware(rate: str, nic: str, ranks_per_node: int, placement="row",
 
 
 def gloo_ops(ops) -> list[CommOp]:
-    """The ops as gloo sends them (reduce_scatter: twice the bytes)."""
+    """The ops as gloo sends them (FSDP's reduce_scatter: twice the bytes)."""
     out = []
     for op in ops:
-        f = GLOO_WIRE_FACTOR.get(op.kind, 1.0)
+        f = GLOO_WIRE_FACTOR.get(op.name, 1.0)
         out.append(replace(op, bytes_sent=int(op.bytes_sent * f), bytes_received=int(op.bytes_received * f))
                    if f != 1.0 else op)
     return out
@@ -129,5 +131,5 @@ def validate_record(rec) -> dict:
     }
 
 
-__all__ = ["TCP_PAYLOAD", "GLOO_WIRE_FACTOR", "emulated_hardware", "gloo_ops", "step_ops", "predicted_node_tx",
-           "validate_record"]
+__all__ = ["TCP_PAYLOAD", "GLOO_WIRE_FACTOR", "FSDP_GRAD_SCATTER", "emulated_hardware", "gloo_ops", "step_ops",
+           "predicted_node_tx", "validate_record"]

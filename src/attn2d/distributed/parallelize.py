@@ -23,7 +23,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from attn2d.distributed import comm
 from attn2d.distributed.comm import CommOp
-from attn2d.distributed.fsdp_counter import counting_fsdp, fsdp_counting_supported
+from attn2d.distributed.fsdp_counter import GATHER, SCATTER, counting_fsdp, fsdp_counting_supported
 from attn2d.dtypes import acc_dtype, itemsize
 
 GRAD_BUCKET_BYTES = 64 * 2**20  # gradients are summed in buckets of at most 64 MiB
@@ -58,9 +58,8 @@ def grad_sync_ops(shape, P: int, fsdp: bool = False, grad_bytes: int = 4, param_
     gathers = sum(times for _, times in units) * (P - 1)
     scattered = n * grad_bytes * (P - 1) // P
     scatters = len(units) * (P - 1)
-    return [CommOp("grad", "fsdp_param_all_gather", "all_gather", "world", P, gathered, gathered, gathers, gathers),
-            CommOp("grad", "fsdp_grad_reduce_scatter", "reduce_scatter", "world", P, scattered, scattered, scatters,
-                   scatters)]
+    return [CommOp("grad", GATHER, "all_gather", "world", P, gathered, gathered, gathers, gathers),
+            CommOp("grad", SCATTER, "reduce_scatter", "world", P, scattered, scattered, scatters, scatters)]
 
 
 def uncounted_fsdp_ops(shape, P: int, dtype: str) -> list[CommOp]:
