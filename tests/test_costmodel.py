@@ -237,7 +237,7 @@ def test_every_number_in_the_public_profiles_says_where_it_comes_from(name):
 def test_local_profile_is_measured_here():
     path = ROOT / "conf" / "hardware" / "local_cpu.yaml"
     text = path.read_text()
-    assert "measured by python -m attn2d.calibrate" in text
+    assert "measured by python -m attn2d.costmodel.calibrate" in text
     hw = cm.load_hardware("local_cpu")
     assert hw.matmul_flops_per_s > 0 and hw.intra.bw_bytes_per_s > 0
 
