@@ -12,7 +12,7 @@ rule table:
     log:
         "results/logs/tables/{experiment}.log",
     wildcard_constraints:
-        experiment=EXPERIMENT_WC,
+        experiment=MEASURED_WC,
     params:
         title=get_title,
     shell:

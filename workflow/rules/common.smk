@@ -62,6 +62,9 @@ except plan_mod.PlanError as e:
 for note in PLAN.notes:
     say(f"attn2d: {note}")
 JOBS = PLAN.jobs  # run dir -> Cell: one Snakemake job each
+# the experiments whose cells run here: only they have records, tables and measured figures (the emulated one has
+# its own rule, the paper's others are modelled); "(?!)" matches nothing
+MEASURED_WC = "|".join(re.escape(e) for e in PLAN.experiments) or "(?!)"
 
 
 def check_records() -> None:

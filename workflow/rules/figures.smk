@@ -37,7 +37,7 @@ rule figure:
     log:
         "results/logs/figures/{experiment}/{kind}.log",
     wildcard_constraints:
-        experiment=EXPERIMENT_WC,
+        experiment=MEASURED_WC,
         kind=KINDS,
     params:
         model_args=get_model_args,
