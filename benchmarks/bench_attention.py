@@ -18,8 +18,9 @@ For each algorithm (and, for the 2-D ones, each grid) on P CPU processes (attn2d
      --repeats rounds, and the CPU time of the same calls summed over the ranks (median; what the P ranks cost
      the machine, less sensitive to other jobs than wall time).
 The table gives each algorithm's times, MB and messages per rank (counted / predicted), kernel calls and aten ops
-per pass, and the speedup against the FASTEST ring present (by median fwd+bwd time, named in the table) and
-against ours ("ring", zigzag), and bytes / ring bytes. Rings run on the 1-D group of all P ranks (grid "Px1").
+per pass, and the speedup against the FASTEST ring present (by median fwd+bwd time, named in the table; also
+as the median, min and max of the per-round ratios, which cancels load that drifts between rounds) and against
+ours ("ring", zigzag), and bytes / ring bytes. Rings run on the 1-D group of all P ranks (grid "Px1").
 
   python benchmarks/bench_attention.py --world 4 --seq 2048 --heads 4 --head-dim 64 --repeats 5 --iters 3
   python benchmarks/bench_attention.py --world 9 --seq 2304 --algorithms attn2d,ring --grids 3x3 --out bench.jsonl
@@ -327,6 +328,9 @@ def summarise(args, runs, per_rank) -> list[dict]:
             r[f"vs_{key}"] = base["algorithm"] if base else None
             r[f"speedup_fwd_bwd_vs_{key}"] = base["time_fwd_bwd_s"] / r["time_fwd_bwd_s"] if base else None
             r[f"speedup_fwd_vs_{key}"] = base["time_fwd_s"] / r["time_fwd_s"] if base else None
+            for t in ("fwd", "fwd_bwd"):  # per-round ratios: the rounds are interleaved, so drift cancels
+                pairs = [b / x for b, x in zip(base[f"times_{t}_s"], r[f"times_{t}_s"])] if base else None
+                r[f"speedup_{t}_vs_{key}_paired"] = list(_spread(pairs)) if pairs else None
         r["bytes_ratio_vs_ring"] = (r["bytes_fwd_bwd"] / ours["bytes_fwd_bwd"]
                                     if ours and ours["bytes_fwd_bwd"] else None)
     return rows_out
@@ -352,11 +356,15 @@ def table(rows_out) -> str:
     def ratio(v):
         return f"{v:.2f}" if v else "-"
 
+    def paired(v):  # [median, min, max] of the per-round speedups
+        return f"{v[0]:.2f} ({v[1]:.2f}-{v[2]:.2f})" if v else "-"
+
     fastest = next((r["vs_fastest_ring"] for r in rows_out if r["vs_fastest_ring"]), None)
     base = "sdpa" if any(r["algorithm"] == "sdpa" for r in rows_out) else "fastest_ring"
     head = (f"{'algorithm':<15} {'grid':>4} {'fwd ms (min-max)':>18} {'fwd+bwd ms (min-max)':>21} {'CPU ms':>7} "
             f"{'MB/rank fwd+bwd':>17} {'msgs':>9} {'kernels':>7} {'aten ops':>9} "
-            f"{'wire':>5} {('x sdpa' if base == 'sdpa' else 'x fastest'):>9} {'x ring':>7} {'x bytes':>7} "
+            f"{'wire':>5} {('x sdpa' if base == 'sdpa' else 'x fastest'):>9} {'paired (min-max)':>18} {'x ring':>7} "
+            f"{'x bytes':>7} "
             f"{'err out/grad':>15}")
     lines = [head, "-" * len(head)]
     for r in rows_out:
@@ -369,11 +377,13 @@ def table(rows_out) -> str:
             f"{pair(r['bytes_fwd_bwd'], 'all_bytes', p, mb):>17} {pair(r['msgs_fwd_bwd'], 'all_msgs', p, str):>9} "
             f"{str(r['kernel_calls_fwd']) + '+' + str(r['kernel_calls_bwd']):>7} "
             f"{str(r['aten_ops_fwd']) + '+' + str(r['aten_ops_bwd']):>9} {ratio(r['wire_vs_counted']):>5} "
-            f"{x(r['speedup_fwd_bwd_vs_' + base]):>9} {x(r['speedup_fwd_bwd_vs_ring']):>7} "
+            f"{x(r['speedup_fwd_bwd_vs_' + base]):>9} {paired(r['speedup_fwd_bwd_vs_' + base + '_paired']):>18} "
+            f"{x(r['speedup_fwd_bwd_vs_ring']):>7} "
             f"{ratio(r['bytes_ratio_vs_ring']):>7} "
             f"{r['max_err_out']:.1e}/{r['max_err_grad']:.1e}{'' if r['check_ok'] else ' WRONG'}")
     lines.append(f"x {'sdpa' if base == 'sdpa' else 'fastest'} = {'sdpa' if base == 'sdpa' else fastest} fwd+bwd "
-                 "median time / this one (a speedup); x ring = the same against ours (ring, zigzag)")
+                 "median time / this one (a speedup); paired = median (min-max) over the rounds of the same "
+                 "ratio within one round; x ring = the same against ours (ring, zigzag)")
     return "\n".join(lines)
 
 

@@ -252,3 +252,7 @@ def test_bench_attention_runs_torch_ring_beside_ours(tmp_path, monkeypatch):
         assert r["command"].endswith(" ".join(argv)) and "torch" in r["machine"]
         assert r["vs_fastest_ring"] in rows and min(x["time_fwd_bwd_s"] for x in rows.values()) == \
             rows[r["vs_fastest_ring"]]["time_fwd_bwd_s"]
+        med, lo, hi = r["speedup_fwd_bwd_vs_fastest_ring_paired"]  # per-round ratios, one per --repeats round
+        base_t = rows[r["vs_fastest_ring"]]["times_fwd_bwd_s"]
+        assert lo <= med <= hi and {lo, hi} <= {b / t for b, t in zip(base_t, r["times_fwd_bwd_s"])}
+    assert rows[rows["ring"]["vs_fastest_ring"]]["speedup_fwd_bwd_vs_fastest_ring_paired"] == [1.0, 1.0, 1.0]
