@@ -6,6 +6,7 @@ positional mask) and reference.reference_attention (+ autograd for gradients). T
 to the torch op schemas is checked on "meta" tensors.
 """
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -615,19 +616,49 @@ def test_square_grid_attention2d_block_is_one_kernel_call(counting, backend, sid
             _close(l, want_l, torch.float32, f"block ({r}, {c}) lse")
 
 
+@pytest.mark.parametrize("side", [1, 3])
+def test_big_causal_squares_run_as_strips_on_tiled_backends(monkeypatch, counting, side):
+    """A backend with causal_tile t (cpu_flash: 128, as its causal flag skips only whole 512-key tiles) runs a
+    causal square of n >= 3t rows as n // t strips, 2 (n // t) - 1 calls each way (a causal square per strip and an
+    unmasked call on the keys before it), exact against float64; below 3t rows it stays one call. With t = 2 here,
+    so that small blocks show it: the whole sequence (side 1) and Attention2D's diagonal 3x3-grid block."""
+    tiled = dataclasses.replace(backends.BACKENDS["cpu_flash"], causal_tile=2)
+    monkeypatch.setitem(backends.BACKENDS, "cpu_flash", tiled)
+    calls = counting("cpu_flash")
+    for n in (4, 5, 6, 7, 12):  # rows of the block
+        n_seq = n * side
+        q, k, v, dout = _qkv(torch.float32, 16, n=n_seq, seed=n)
+        qs = ks = Span(side - 1, side, n)
+        qi = _pos(qs)
+        got = len(calls)
+        o, l = attn_forward(q[:, qi], k[:, qi], v[:, qi], causal=True, q_pos=qs, k_pos=ks, backend="cpu_flash")
+        g = attn_backward(dout[:, qi], q[:, qi], k[:, qi], v[:, qi], o, l, causal=True, q_pos=qs, k_pos=ks,
+                          backend="cpu_flash")
+        strips = n // 2 if n >= 6 else 1
+        assert [x[0] for x in calls[got:]] == ["fwd"] * (2 * strips - 1) + ["bwd"] * (2 * strips - 1), (n, calls)
+        q64, k64, v64 = (_leaf(t[:, qi]) for t in (q, k, v))
+        ref = reference_attention(q64, k64, v64, causal=True)[0]
+        ref.backward(dout[:, qi].double())
+        _close(o, ref.detach(), torch.float32, f"n {n} out")
+        for a, want, name in zip(g, (q64.grad, k64.grad, v64.grad), ("dq", "dk", "dv")):
+            _close(a, want, torch.float32, f"n {n} {name}")
+
+
 def test_row_profile_plans_cover_each_visible_pair_once():
-    """The row-profile plan (one call per run of rows) on many increasing layouts, both causal conventions: every
-    visible (row, key) pair computed exactly once, no masked pair, top-left backends only square causal pieces."""
+    """The row-profile plan (one call per run of rows) on many increasing layouts, both causal conventions and with
+    causal squares cut into strips: every visible (row, key) pair computed exactly once, no masked pair, top-left
+    backends only square causal pieces."""
     cases = [(layout_spans(lay, 48, i, P), layout_spans(lay, 48, j, P), 48 // P)
              for lay in ("zigzag", "contiguous", "cyclic") for P in (1, 2, 3, 4) for i in range(P) for j in range(P)]
     cases += [(Span(2, 1, 4), Span(0, 1, 8), None), (Span(0, 1, 8), Span(0, 1, 3), None),
               (Span(1, 2, 7), Span(0, 3, 5), None), ((Span(0, 1, 3), Span(10, 1, 3)), Span(1, 2, 6), None)]
     for qs, ks, _ in cases:
         n_q, n_k = len(_pos(qs)), len(_pos(ks))
-        for bottom_right in (True, False):
-            ps = block_pieces(qs, ks, n_q, n_k, causal=True, bottom_right=bottom_right)
+        for bottom_right, tile in ((True, 0), (False, 0), (False, 2), (False, 3)):
+            ps = block_pieces(qs, ks, n_q, n_k, causal=True, bottom_right=bottom_right, causal_tile=tile)
             assert _visible_pairs(ps) == _true_pairs(qs, ks), (qs, ks, ps)
             assert all(p.kind != "causal" or bottom_right or p.n_q == p.n_k for p in ps), ps
+            assert not tile or all(p.kind != "causal" or p.n_q < 3 * tile for p in ps), ps  # cut in strips
 
 
 def test_merge_into_equals_merge_partials_in_place():

@@ -40,6 +40,7 @@ class Backend:
     applies: Callable  # applies(device, dtype, head_dim | None) -> None if usable, else the reason why not
     causal_bottom_right: bool  # takes a causal piece with Lk > Lq in one call
     supports_mask: bool
+    causal_tile: int = 0  # > 0: the planner cuts causal squares into strips of this many rows (planner._strips)
 
 
 def _bhld(x: torch.Tensor) -> torch.Tensor:
@@ -275,7 +276,7 @@ def _flash_attn_applies(device, dtype, head_dim):
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (
     Backend("math", math_forward, math_backward, _math_applies, True, True),
-    Backend("cpu_flash", cpu_flash_forward, cpu_flash_backward, _cpu_flash_applies, False, True),
+    Backend("cpu_flash", cpu_flash_forward, cpu_flash_backward, _cpu_flash_applies, False, True, causal_tile=128),
     Backend("flash_attn", flash_attn_forward, flash_attn_backward, _flash_attn_applies, True, False),
     Backend("cudnn", cudnn_forward, cudnn_backward, _cuda_applies(HALF, "cudnn"), False, True),
     Backend("cuda_flash", cuda_flash_forward, cuda_flash_backward, _cuda_applies(HALF, "cuda_flash"), True, False),

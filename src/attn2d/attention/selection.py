@@ -49,7 +49,8 @@ def _compare_with_math(name: str, device: torch.device, dtype: torch.dtype, head
         x = [t.to(device=device, dtype=dtype) for t in (q, k, v, dout)]
         x64 = [t.double() for t in x]
         scale = head_dim ** -0.5
-        got_p = block_pieces(q_pos, k_pos, n_q, n_k, causal=causal, bottom_right=impl.causal_bottom_right)
+        got_p = block_pieces(q_pos, k_pos, n_q, n_k, causal=causal, bottom_right=impl.causal_bottom_right,
+                             causal_tile=impl.causal_tile and 2)  # tile 2: the 6 x 6 square as 3 strips
         ref_p = block_pieces(q_pos, k_pos, n_q, n_k, causal=causal, bottom_right=True)
         o, l = forward_pieces(*x[:3], got_p, scale, impl, impl)
         o64, l64 = forward_pieces(*x64[:3], ref_p, scale, ref, ref)
@@ -124,7 +125,8 @@ def plan(q, k, causal, q_pos, k_pos, backend) -> tuple[tuple[Piece, ...], Backen
     """The pieces of this block for its backend, the backend of the dense pieces and that of the mask pieces."""
     dev, dt, hd = q.device, q.dtype, q.shape[-1]
     impl = BACKENDS[resolve_backend(backend, device=dev, dtype=dt, head_dim=hd)]
-    pieces = plan_pieces(q_pos, k_pos, q.shape[1], k.shape[1], causal, impl.causal_bottom_right)  # cached
+    pieces = plan_pieces(q_pos, k_pos, q.shape[1], k.shape[1], causal, impl.causal_bottom_right,
+                         impl.causal_tile)  # cached
     mask_impl = impl
     if any(p.kind == "mask" for p in pieces) and not (impl.supports_mask and _named(backend)):
         mask_impl = BACKENDS[_auto(dev, dt, hd, need_mask=True)]  # auto: the first backend whose masks check out

@@ -133,7 +133,8 @@ def local_profile(m: dict, name: str) -> tuple[HardwareProfile, list[str]]:
         matmul_flops_per_s=_g(m["gemm"]["matmul_flops_per_s"]),
         attn_fwd_flops_per_s=_g(b["fwd"]["rate"]), attn_bwd_flops_per_s=_g(b["bwd"]["rate"]),
         attn_mask_fwd_flops_per_s=_g(b["fwd"]["mask_rate"]), attn_mask_bwd_flops_per_s=_g(b["bwd"]["mask_rate"]),
-        causal_bottom_right=bool(b["bottom_right"]), attn_causal_skip=round(b["fwd"]["causal_skip"], 3),
+        causal_bottom_right=bool(b["bottom_right"]),
+        causal_tile=int(b.get("causal_tile", 0)), attn_causal_skip=round(b["fwd"]["causal_skip"], 3),
         attn_call_overhead_s=_g(b["fwd"]["overhead_s"]),
         local_attn_fwd_flops_per_s=_g(loc["fwd"]["rate"]), local_attn_bwd_flops_per_s=_g(loc["bwd"]["rate"]),
         local_attn_causal_skip=round(loc["fwd"]["causal_skip"], 3), attn_ref_head_dim=b["head_dim"],
@@ -167,7 +168,7 @@ def local_profile(m: dict, name: str) -> tuple[HardwareProfile, list[str]]:
         f"compute.attn_{{fwd,bwd}}_flops_per_s, attn_causal_skip, attn_call_overhead_s: kernels.attn_forward / "
         f"attn_backward, backend {b['backend']}, fit (overhead: per backend call, the intercept); "
         "attn_mask_*: pieces with an explicit mask.",
-        f"compute.causal_bottom_right: a property of backend {b['backend']} (attn2d.attention.backends).",
+        f"compute.causal_bottom_right, causal_tile: properties of backend {b['backend']} (attn2d.attention.backends).",
         "compute.local_attn_*: torch SDPA (the single-device algorithm), backward via autograd, fit.",
         f"compute.attn_ref_head_dim: head_dim of the measured attention calls ({b['heads']} heads; the tiny "
         "model's); attn_head_dim_scale: not measured, the rates are taken as independent of head_dim.",

@@ -23,12 +23,12 @@ def attention_schedule(algorithm: str, seq_len: int, rows: int, cols: int) -> Sc
     return impl.schedule(seq_len, rows, cols)
 
 
-def call_work(call: Call, causal: bool, bottom_right: bool = True) -> tuple[int, int, int, int]:
+def call_work(call: Call, causal: bool, bottom_right: bool = True, causal_tile: int = 0) -> tuple[int, int, int, int]:
     """(backend calls, dense pairs of unmasked/causal pieces, masked pairs inside causal pieces, pairs of
     explicit-mask pieces) of one block call, split exactly as attn2d.attention.kernels.block_pieces splits it."""
     qs, ks = call
     nq, nk = sum(s.n for s in qs), sum(s.n for s in ks)
-    pieces = block_pieces(qs, ks, nq, nk, causal=causal, bottom_right=bottom_right)
+    pieces = block_pieces(qs, ks, nq, nk, causal=causal, bottom_right=bottom_right, causal_tile=causal_tile)
     dense = masked = mask = 0
     for p in pieces:
         lq, lk = p.n_q, p.n_k
@@ -43,13 +43,14 @@ def call_work(call: Call, causal: bool, bottom_right: bool = True) -> tuple[int,
 
 
 @lru_cache(maxsize=4096)
-def schedule_work(algorithm: str, seq_len: int, rows: int, cols: int, causal: bool, bottom_right: bool = True) -> tuple:
+def schedule_work(algorithm: str, seq_len: int, rows: int, cols: int, causal: bool, bottom_right: bool = True,
+                  causal_tile: int = 0) -> tuple:
     """schedule_work[step][rank] = call_work summed over the rank's calls of that step (cached)."""
     out = []
     for step in attention_schedule(algorithm, seq_len, rows, cols):
         row = []
         for calls in step:
-            w = [call_work(c, causal, bottom_right) for c in calls]
+            w = [call_work(c, causal, bottom_right, causal_tile) for c in calls]
             row.append(tuple(sum(x[i] for x in w) for i in range(4)))
         out.append(tuple(row))
     return tuple(out)
@@ -65,17 +66,17 @@ def attention_step_times(algorithm: str, shape: GPTConfig, wl: Workload, rows: i
     mask_rate = hw.attn_rate(shape.d_head, phase, mask=True) * share
     skip = hw.causal_skip(single)
     flop_per_pair = 4.0 * wl.batch_size * shape.n_head * shape.d_head * (1.0 if phase == "fwd" else ATTN_BWD_FLOP_RATIO)
-    return list(_step_times(algorithm, wl.seq_len, rows, cols, wl.causal, hw.causal_bottom_right,
+    return list(_step_times(algorithm, wl.seq_len, rows, cols, wl.causal, (hw.causal_bottom_right, hw.causal_tile),
                             (hw.attn_call_overhead_s, hw.attn_step_overhead_s, share, skip),
                             flop_per_pair / rate, flop_per_pair / mask_rate))
 
 
 @lru_cache(maxsize=65536)
-def _step_times(algorithm, seq_len, rows, cols, causal, bottom_right, over, s_per_pair, s_per_mask_pair) -> tuple:
+def _step_times(algorithm, seq_len, rows, cols, causal, plan, over, s_per_pair, s_per_mask_pair) -> tuple:
     """attention_step_times for scalar arguments (cached: the network sweeps re-price the same compute)."""
     call_s, step_s, share, skip = over
     times = []
-    for step in schedule_work(algorithm, seq_len, rows, cols, causal, bottom_right):
+    for step in schedule_work(algorithm, seq_len, rows, cols, causal, *plan):  # plan: (bottom_right, causal_tile)
         worst = 0.0
         for calls, dense, masked, mask in step:
             t = ((calls * call_s + step_s) / share

@@ -63,6 +63,7 @@ class ComputeConf:
     attn_mask_fwd_flops_per_s: float | None = None
     attn_mask_bwd_flops_per_s: float | None = None
     causal_bottom_right: bool = True
+    causal_tile: int = 0
     attn_causal_skip: float = 1.0
     attn_call_overhead_s: float = 0.0
     local_attn_fwd_flops_per_s: float | None = None
@@ -148,6 +149,7 @@ class Hardware:
     attn_mask_fwd_flops_per_s: float | None = None  # pieces with an explicit mask (staircase), default: as above
     attn_mask_bwd_flops_per_s: float | None = None
     causal_bottom_right: bool = True  # the kernel takes an offset (bottom-right) causal block in one call
+    causal_tile: int = 0  # > 0: the kernels cut causal squares into strips of this many rows (planner._strips)
     attn_causal_skip: float = 1.0  # fraction of the masked work a causal kernel call skips
     attn_call_overhead_s: float = 0.0  # per attention kernel call (launch, python)
     local_attn_fwd_flops_per_s: float | None = None  # the single-device kernel, if it differs

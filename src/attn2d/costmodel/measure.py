@@ -86,7 +86,7 @@ def measure_block_attention(device, dtype, quick: bool, heads: int = 4, head_dim
     """attn2d.attention.kernels forward and backward (the kernels ring and attn2d call) on block calls split into
     backend pieces exactly as the algorithms' calls are (costmodel.call_work)."""
     name = kernels.resolve_backend("auto", device=device, dtype=dtype, head_dim=head_dim)
-    bottom_right = BACKENDS[name].causal_bottom_right
+    bottom_right, tile = BACKENDS[name].causal_bottom_right, BACKENDS[name].causal_tile
     fwd, bwd = [], []
     for qs, ks, causal in _attn_calls(device, quick):
         nq, nk = sum(x.n for x in qs), sum(x.n for x in ks)
@@ -98,11 +98,11 @@ def measure_block_attention(device, dtype, quick: bool, heads: int = 4, head_dim
         dout = torch.randn_like(out)
         tf = timeit(partial(kernels.attn_forward, q, k, v, **kw), device)
         tb = timeit(partial(kernels.attn_backward, dout, q, k, v, out, lse, **kw), device)
-        calls, dense, masked, mask = call_work((qs, ks), causal, bottom_right)
+        calls, dense, masked, mask = call_work((qs, ks), causal, bottom_right, tile)
         u = heads * head_dim
         fwd.append((calls, dense * u, masked * u, mask * u, tf))
         bwd.append((calls, dense * u, masked * u, mask * u, tb))
-    return {"backend": name, "bottom_right": bottom_right, "heads": heads, "head_dim": head_dim,
+    return {"backend": name, "bottom_right": bottom_right, "causal_tile": tile, "heads": heads, "head_dim": head_dim,
             "fwd": fit_attention(fwd, 4.0), "bwd": fit_attention(bwd, 4.0 * ATTN_BWD_FLOP_RATIO),
             "points_fwd": fwd, "points_bwd": bwd}
 
