@@ -94,12 +94,15 @@ def loopback_bytes() -> int | None:
 
 def wire_bytes(fn) -> int | None:
     """Loopback bytes sent by all ranks during one call of fn on every rank, between barriers (what the wire
-    carried, TCP/IP headers and the barriers' few bytes included): an independent check of comm's count."""
-    dist.barrier()
+    carried, TCP/IP headers and the barriers' few bytes included): an independent check of comm's count. Each rank
+    reads the counter before the barrier that lets fn start anywhere, and after the one that ends it, before a last
+    barrier lets anything else start: a rank that leaves a barrier late cannot miss fn's traffic or count the next."""
     b0 = loopback_bytes()
+    dist.barrier()
     fn()
     dist.barrier()
     b1 = loopback_bytes()
+    dist.barrier()
     return None if b0 is None or b1 is None else b1 - b0
 
 
