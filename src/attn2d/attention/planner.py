@@ -234,18 +234,14 @@ def plan_pieces(q_pos, k_pos, n_q: int, n_k: int, causal: bool, bottom_right: bo
     return _block_pieces(_norm_key(q_pos), _norm_key(k_pos), n_q, n_k, bool(causal), bottom_right, causal_tile)
 
 
-STRIPS_MIN = 3  # cut a causal square only into >= 3 strips: 2 strips of 128 were slower than one call (CPU flash)
+STRIPS_MIN = 3  # cut a causal square only into >= 3 strips (2 were slower than one call; docs/algorithms.md)
 
 
 def _strips(pieces: tuple[Piece, ...], tile: int) -> tuple[Piece, ...]:
     """Each causal square piece of n >= STRIPS_MIN * tile rows as S = n // tile strips of about `tile` rows: strip s
-    is a causal square on its own keys, then an unmasked call on the keys before them (merged into its rows).
-
-    For kernels whose causal flag skips masked work only in coarse tiles: aten's CPU flash kernel computes every
-    key tile of 512 that a query tile of up to 256 rows reaches, so one causal call on n <= 512 keys computes the
-    whole square and a 768 x 768 one 78% of it. Strips compute (S + 1) / 2S of it (0.58 at S = 6). Measured on this
-    machine (one thread, 4 heads, head_dim 64, forward + backward): 768 rows 20.1 -> 17.3 ms, 512 rows 10.7 ->
-    7.7 ms, 1536 rows 65.1 -> 61.7 ms; 256 rows as 2 strips 2.7 -> 3.0 ms (hence STRIPS_MIN)."""
+    is a causal square on its own keys, then an unmasked call on the keys before them (merged into its rows). For
+    kernels whose causal flag skips masked work only in coarse tiles (aten's CPU flash kernel): why, and what it
+    saves, in docs/algorithms.md#piece-planner."""
     out = []
     for p in pieces:
         n = p.n_q

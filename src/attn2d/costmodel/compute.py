@@ -66,17 +66,18 @@ def attention_step_times(algorithm: str, shape: GPTConfig, wl: Workload, rows: i
     mask_rate = hw.attn_rate(shape.d_head, phase, mask=True) * share
     skip = hw.causal_skip(single)
     flop_per_pair = 4.0 * wl.batch_size * shape.n_head * shape.d_head * (1.0 if phase == "fwd" else ATTN_BWD_FLOP_RATIO)
-    return list(_step_times(algorithm, wl.seq_len, rows, cols, wl.causal, (hw.causal_bottom_right, hw.causal_tile),
+    return list(_step_times(algorithm, wl.seq_len, rows, cols, wl.causal, hw.causal_bottom_right, hw.causal_tile,
                             (hw.attn_call_overhead_s, hw.attn_step_overhead_s, share, skip),
                             flop_per_pair / rate, flop_per_pair / mask_rate))
 
 
 @lru_cache(maxsize=65536)
-def _step_times(algorithm, seq_len, rows, cols, causal, plan, over, s_per_pair, s_per_mask_pair) -> tuple:
+def _step_times(algorithm, seq_len, rows, cols, causal, bottom_right, causal_tile, over, s_per_pair,
+                s_per_mask_pair) -> tuple:
     """attention_step_times for scalar arguments (cached: the network sweeps re-price the same compute)."""
     call_s, step_s, share, skip = over
     times = []
-    for step in schedule_work(algorithm, seq_len, rows, cols, causal, *plan):  # plan: (bottom_right, causal_tile)
+    for step in schedule_work(algorithm, seq_len, rows, cols, causal, bottom_right, causal_tile):
         worst = 0.0
         for calls, dense, masked, mask in step:
             t = ((calls * call_s + step_s) / share
